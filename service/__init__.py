@@ -1,0 +1,1 @@
+"""loradock's running process: HTTP API, registry, metrics and lifecycle."""

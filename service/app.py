@@ -1,0 +1,71 @@
+"""The app factory: `create_app(settings)` builds a FastAPI app around one Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+
+from loradock.service.api import health, tenants
+from loradock.service.errors import install_error_handlers
+from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
+from loradock.service.middleware import BodySizeLimitMiddleware
+from loradock.service.runtime import Runtime
+from loradock.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the app. Nothing heavy happens here: the lifespan starts the Runtime.
+
+    The server accepts connections at once (/healthz = 200, /readyz = 503) while a background thread
+    opens the registry and loads the base model; /readyz turns 200 when that is done. If start-up
+    fails, `on_fatal` is called (the CLI uses it to stop the server with a non-zero exit code).
+    """
+    runtime = Runtime(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def start() -> None:
+            try:
+                await asyncio.to_thread(runtime.start)
+            except Exception as e:
+                if on_fatal is not None:
+                    on_fatal(e)
+
+        starting = asyncio.create_task(start(), name="loradock-start")
+        app.state.start_task = starting
+        try:
+            yield
+        finally:
+            runtime.begin_drain()
+            if not starting.done():
+                # The loader thread cannot be interrupted; wait so we never close a DB in use.
+                await asyncio.shield(starting)
+            runtime.stop()
+
+    app = FastAPI(
+        title="loradock",
+        version=version("loradock"),
+        summary="One frozen base transformer, many per-customer LoRA adapters.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(tenants.router)
+    # The last added is outermost: metrics see every answer, the size limit's 413s included.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=runtime.metrics)
+    return app

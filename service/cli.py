@@ -1,0 +1,168 @@
+"""The `loradock` command. `loradock serve` runs the server; every setting is also an option."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, get_args
+
+import uvicorn
+from pydantic import ValidationError
+
+from loradock.adapters.base import BaseModelError, check_model_dir
+from loradock.adapters.device import DeviceError, resolve_device, resolve_dtype
+from loradock.service.app import create_app
+from loradock.service.runtime import Runtime
+from loradock.service.settings import Settings
+
+log = logging.getLogger("loradock")
+
+EXIT_CONFIG = 2  # bad settings or base model path: fixed by the operator, not by a restart
+EXIT_START = 1  # start-up failed after the server began (e.g. the model failed to load)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with a readiness-first shutdown.
+
+    First SIGTERM/SIGINT: /readyz turns 503 at once, the listener stays open `drain_seconds` (so
+    load balancers stop routing here), then uvicorn stops accepting and waits up to the graceful
+    timeout for in-flight requests. A second signal skips the wait. Exits 0 on a clean stop.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.drain_seconds = drain_seconds
+        self._drain_timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            return
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self.should_exit = True
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self.runtime.begin_drain()
+        if self.drain_seconds <= 0:
+            self.should_exit = True
+            return
+        self._drain_timer = threading.Timer(self.drain_seconds, self._close)
+        self._drain_timer.daemon = True
+        self._drain_timer.start()
+
+    def _close(self) -> None:
+        self.should_exit = True
+
+
+def _option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One option per Settings field, documented from the field itself; unset = env or default."""
+    for name, field in Settings.model_fields.items():
+        choices = None
+        args = get_args(field.annotation)
+        if args and all(isinstance(a, str) for a in args):
+            choices = list(args)
+        default = field.default if field.default is not None else "computed"
+        parser.add_argument(
+            _option_name(name),
+            dest=name,
+            default=None,
+            choices=choices,
+            metavar=None if choices else name.upper(),
+            help=f"{field.description} [env LORADOCK_{name.upper()}; default: {default}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loradock",
+        description="Serve and train many LoRA adapters on one frozen base model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the loradock HTTP server. Options override LORADOCK_* environment "
+        "variables, which override the defaults.",
+    )
+    _add_settings_options(serve)
+    return parser
+
+
+def load_settings(overrides: dict[str, Any]) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def preflight(settings: Settings) -> None:
+    """Checks that fail fast, before the port is bound: model directory, device and dtype."""
+    check_model_dir(settings.resolved_base_model())
+    resolve_dtype(settings.dtype, resolve_device(settings.device))
+
+
+def serve(settings: Settings) -> int:
+    fatal: list[BaseException] = []
+    server: DrainingServer | None = None
+
+    def on_fatal(e: BaseException) -> None:
+        fatal.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+    )
+    server = DrainingServer(config, app.state.runtime, settings.drain_seconds)
+    log.info("settings: %s", settings.public())
+    server.run()
+    if fatal:
+        print(f"loradock: start-up failed: {fatal[0]}", file=sys.stderr)
+        return EXIT_START
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = load_settings(overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in e.errors()
+        )
+        print(f"loradock: invalid settings: {problems}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        try:
+            preflight(settings)
+        except (BaseModelError, DeviceError) as e:
+            print(f"loradock: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        return serve(settings)
+    return EXIT_CONFIG  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The process's long-lived parts (DB, store, base model, metrics) and its lifecycle state."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+
+from loradock.adapters.base import BaseModel
+from loradock.adapters.device import dtype_name
+from loradock.adapters.store import ArtifactStore, open_store
+from loradock.service.db.registry import Database
+from loradock.service.errors import NotReady
+from loradock.service.metrics import Metrics
+from loradock.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Runtime:
+    """Owns what the app needs, built once by `start()` and torn down by `stop()`.
+
+    Readiness is explicit: routes that need the model or the registry raise NotReady (503) until
+    `start()` has opened the registry and store, loaded the base model and run a warm-up pass.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.db: Database | None = None
+        self.store: ArtifactStore | None = None
+        self.base: BaseModel | None = None
+        self.error: str | None = None
+        self._phase = Phase.STARTING
+        self._changed = threading.Condition()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def _set_phase(self, phase: Phase) -> None:
+        with self._changed:
+            self._phase = phase
+            self.metrics.ready.set(1 if phase is Phase.READY else 0)
+            self._changed.notify_all()
+
+    def wait_until_settled(self, timeout: float | None = None) -> Phase:
+        """Block until start-up finished (ready or failed) or `timeout` passed."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._phase is not Phase.STARTING, timeout)
+            return self._phase
+
+    def require_ready(self) -> None:
+        """Raise NotReady unless requests can be served.
+
+        Draining still serves: /readyz fails so load balancers stop routing here, but requests
+        that arrive meanwhile (or are in flight) complete normally.
+        """
+        if self._phase in (Phase.READY, Phase.DRAINING):
+            return
+        if self._phase is Phase.STOPPED:
+            raise NotReady("the server is shutting down")
+        if self._phase is Phase.FAILED:
+            raise NotReady("the server failed to start; see its log", retry_after=30)
+        raise NotReady("the server is starting: the base model is loading")
+
+    def begin_drain(self) -> None:
+        """Fail readiness from now on; in-flight work continues."""
+        if self._phase is Phase.READY or self._phase is Phase.STARTING:
+            log.info("draining: readiness now fails, in-flight requests continue")
+            self._set_phase(Phase.DRAINING)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the registry and store, load and warm the base model, then report ready."""
+        try:
+            s = self.settings
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+            assert s.database_url is not None
+            assert s.store_url is not None
+            self.db = Database(s.database_url)
+            revision = self.db.upgrade()
+            log.info("registry %s at schema revision %s", self.db.dialect, revision)
+            self.db.bootstrap(s.bootstrap_key_path)
+            self.store = open_store(s.store_url)
+
+            t0 = time.perf_counter()
+            base = BaseModel.load(
+                s.resolved_base_model(), device=s.device, dtype=s.dtype, max_length=s.max_seq_length
+            )
+            base.warm_up()
+            load_seconds = time.perf_counter() - t0
+            self.base = base
+            self._record_base(base, load_seconds)
+            log.info(
+                "base model %s (%s, %d parameters) ready on %s/%s in %.2fs",
+                base.path, base.model_type, base.parameter_count(), base.device,
+                dtype_name(base.dtype), load_seconds,
+            )  # fmt: skip
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("start-up failed")
+            self._set_phase(Phase.FAILED)
+            raise
+        if self._phase is Phase.STARTING:
+            self._set_phase(Phase.READY)
+
+    def _record_base(self, base: BaseModel, load_seconds: float) -> None:
+        m = self.metrics
+        m.base_model_load_seconds.set(load_seconds)
+        m.base_model_parameters.set(base.parameter_count())
+        m.base_model_bytes.set(base.parameter_bytes())
+        m.base_model_info.info(
+            {
+                "model_type": base.model_type,
+                "path": str(base.path),
+                "device": str(base.device),
+                "dtype": dtype_name(base.dtype),
+                "fingerprint": base.fingerprint,
+            }
+        )
+
+    def stop(self) -> None:
+        if self._phase is not Phase.FAILED:
+            self._set_phase(Phase.STOPPED)
+        if self.db is not None:
+            self.db.close()
+        log.info("stopped")

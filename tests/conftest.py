@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from loradock.service.metrics import Metrics
+from loradock.service.settings import Settings
+from tests.tiny_models import build_tiny_bert, build_tiny_llama
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; this machine has no GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_bert_dir: Path) -> Settings:
+    """Settings for an in-process app on the tiny BERT, with its own data dir."""
+    return Settings(data_dir=tmp_path / "data", base_model=tiny_bert_dir)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()  # a fresh registry per test
+
+
+@pytest.fixture
+def app_client(settings: Settings, metrics: Metrics) -> Iterator[object]:
+    """A TestClient on a started app (lifespan run, base model loaded)."""
+    from fastapi.testclient import TestClient
+
+    from loradock.service.app import create_app
+    from loradock.service.runtime import Phase
+
+    app = create_app(settings, metrics=metrics)
+    with TestClient(app) as client:
+        assert app.state.runtime.wait_until_settled(60) is Phase.READY, app.state.runtime.error
+        client.admin_key = (settings.data_dir / "bootstrap-key").read_text().strip()  # type: ignore[attr-defined]
+        client.headers["Authorization"] = f"Bearer {client.admin_key}"  # type: ignore[attr-defined]
+        yield client
