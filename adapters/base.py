@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from loradock.adapters.device import dtype_name, resolve_device, resolve_dtype
@@ -114,7 +120,7 @@ class BaseModel:
         self.device = device
         self.dtype = dtype
         self.max_length = max_length
-        self.config = backbone.config
+        self.config: PretrainedConfig = backbone.config  # type: ignore[assignment]
         self.fingerprint = model_fingerprint(path)
 
     @classmethod
@@ -225,7 +231,8 @@ class BaseModel:
         if known and set(known) <= suffixes:
             return list(known)
         # Unknown architecture: Linear layers that only ever appear inside attention modules.
-        inside, outside = set(), set()
+        inside: set[str] = set()
+        outside: set[str] = set()
         for t in self.linear_targets():
             in_attention = "attn" in t.name or "attention" in t.name
             (inside if in_attention else outside).add(t.suffix)

@@ -8,6 +8,7 @@ carries a stack trace or an internal path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -97,7 +98,7 @@ def error_response(
     detail: str,
     *,
     slug: str,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     if _is_oip(request):

@@ -39,6 +39,17 @@ def test_ruff_lint_and_format_are_clean():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_mypy_is_clean_on_the_packages():
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "adapters", "service"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_package_directory_is_installed():
     """pyproject lists packages by hand (the layout maps service/ -> loradock.service)."""
     pyproject = (ROOT / "pyproject.toml").read_text()

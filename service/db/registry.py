@@ -91,7 +91,7 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def upgrade(self) -> str:
+    def upgrade(self) -> str | None:
         """Bring the schema to the newest revision. Returns the revision now in place."""
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":
