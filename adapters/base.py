@@ -208,9 +208,15 @@ class BaseModel:
 
     def linear_targets(self) -> list[LinearTarget]:
         """Every nn.Linear inside the transformer blocks, with its shape: what LoRA can target."""
+        from loradock.adapters.lora import (
+            LoRALinear,
+        )  # wrappers installed in place stand for Linear
+
         targets = []
         for name, module in self.backbone.named_modules():
-            if not isinstance(module, nn.Linear):
+            if isinstance(module, LoRALinear):
+                module = module.base
+            elif not isinstance(module, nn.Linear) or name.endswith(".base"):
                 continue
             match = _LAYER_INDEX.search(f".{name}.")
             targets.append(

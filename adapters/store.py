@@ -132,6 +132,8 @@ class ArtifactStore(Protocol):
 
     def list_keys(self, prefix: str = "") -> list[str]: ...
 
+    def delete_prefix(self, prefix: str) -> None: ...
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -246,6 +248,10 @@ class LocalStore:
         doomed = self._trash / uuid.uuid4().hex
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove everything under `prefix` (e.g. all versions and datasets of one adapter)."""
+        self.delete(prefix)
 
     def list_keys(self, prefix: str = "") -> list[str]:
         """Keys of every published (manifest-complete) version under `prefix`."""

@@ -7,10 +7,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import version
+from typing import Any
 
 from fastapi import FastAPI
 
-from loradock.service.api import health, tenants
+from loradock.service.api import adapters, health, jobs, tenants
 from loradock.service.errors import install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
 from loradock.service.middleware import BodySizeLimitMiddleware
@@ -65,7 +66,32 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(tenants.router)
+    app.include_router(adapters.router)
+    app.include_router(jobs.router)
+    _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=runtime.metrics)
     return app
+
+
+def _document_manual_bodies(app: FastAPI) -> None:
+    """Routes that parse JSON or multipart themselves reference these schemas in OpenAPI."""
+    from fastapi.openapi.utils import get_openapi
+
+    from loradock.service.api.schemas import AdapterCreate, VersionCreate
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (AdapterCreate, VersionCreate):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -9,9 +9,11 @@ import time
 
 from loradock.adapters.base import BaseModel
 from loradock.adapters.device import dtype_name
+from loradock.adapters.scheduling import PriorityGate
 from loradock.adapters.store import ArtifactStore, open_store
 from loradock.service.db.registry import Database
 from loradock.service.errors import NotReady
+from loradock.service.jobs import JobRunner
 from loradock.service.metrics import Metrics
 from loradock.service.settings import Settings
 
@@ -39,6 +41,8 @@ class Runtime:
         self.db: Database | None = None
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None
+        self.jobs: JobRunner | None = None
+        self.gate = PriorityGate()  # serving work holds it; training steps yield to it
         self.error: str | None = None
         self._phase = Phase.STARTING
         self._changed = threading.Condition()
@@ -104,6 +108,16 @@ class Runtime:
             load_seconds = time.perf_counter() - t0
             self.base = base
             self._record_base(base, load_seconds)
+            self.jobs = JobRunner(
+                self.db,
+                self.store,
+                base,
+                workers=s.job_workers,
+                max_attempts=s.job_max_attempts,
+                gate=self.gate,
+            )
+            self.jobs.recover()
+            self.jobs.start()
             log.info(
                 "base model %s (%s, %d parameters) ready on %s/%s in %.2fs",
                 base.path, base.model_type, base.parameter_count(), base.device,
@@ -135,6 +149,8 @@ class Runtime:
     def stop(self) -> None:
         if self._phase is not Phase.FAILED:
             self._set_phase(Phase.STOPPED)
+        if self.jobs is not None:
+            self.jobs.stop()
         if self.db is not None:
             self.db.close()
         log.info("stopped")

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
         1000, ge=1, description="Most adapters one tenant may own (409 beyond)."
     )
 
+    # --- training jobs -------------------------------------------------------------------------
+    job_workers: int = Field(
+        1, ge=0, le=64, description="Training worker threads in this process (0 = train nowhere)."
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, le=100, description="Starts of one job before a crash-looping job is failed."
+    )
+
     # --- lifecycle -----------------------------------------------------------------------------
     drain_seconds: float = Field(
         0.0,

@@ -28,7 +28,7 @@ def build_tiny_bert(path: Path, *, seed: int = 0, layers: int = 2, hidden: int =
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(path)
     config = BertConfig(
         vocab_size=len(vocab),

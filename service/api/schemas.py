@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from loradock.adapters.trainer import Hyperparameters
 
 Scope = Literal["admin", "train", "predict"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -40,3 +42,85 @@ class KeyOut(BaseModel):
     prefix: str
     scopes: list[Scope]
     created_at: datetime
+
+
+# --- adapters, versions, jobs ------------------------------------------------------------------
+
+Task = Literal["classification", "regression"]
+Promote = Literal["always", "if_better", "never"]
+ROWS_DOC = (
+    'Rows {"text": str, "label": str (classification) or number (regression), "group": optional '
+    "str}; a group enables per-group metrics (bias check)."
+)
+
+
+class VersionCreate(Strict):
+    """Train a new version of an existing adapter."""
+
+    training_data: list[dict[str, Any]] = Field(description=ROWS_DOC)
+    validation_data: list[dict[str, Any]] | None = Field(
+        None, description="Optional validation rows; else a stratified split of training_data."
+    )
+    validation_split: float = Field(0.2, ge=0.05, le=0.5, description="Share held out.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    promote: Promote = Field(
+        "if_better",
+        description="Make the new version live: always, if it beats the live version on "
+        "validation, or never.",
+    )
+
+
+class AdapterCreate(VersionCreate):
+    name: str = Field(pattern=NAME_PATTERN, description="Unique per tenant.")
+    task: Task = "classification"
+
+
+class VersionOut(BaseModel):
+    version: int
+    status: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    report: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    live: bool
+    created_at: datetime
+
+
+class AdapterOut(BaseModel):
+    id: str
+    name: str
+    task: str
+    labels: list[str]
+    live_version: int | None
+    status: str
+    created_at: datetime
+    versions: list[VersionOut]
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterOut]
+
+
+class JobOut(BaseModel):
+    id: str
+    adapter_id: str
+    version: int
+    status: str
+    progress: dict[str, Any]
+    history: list[dict[str, Any]]
+    stop_reason: str | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class AdapterAndJob(BaseModel):
+    adapter: AdapterOut
+    job: JobOut

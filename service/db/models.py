@@ -103,6 +103,7 @@ class Version(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     history: Mapped[list[Any]] = mapped_column(default=list)
     baseline: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)  # warnings, winner, promotion
     artifact_key: Mapped[str | None] = mapped_column(String(256), default=None)
     base_fingerprint: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

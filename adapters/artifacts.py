@@ -1,0 +1,184 @@
+"""Adapter artifacts: what a trained version is on disk, and how to run it.
+
+Files of a version (all safetensors or JSON; the store adds manifest.json last):
+- adapter_config.json, adapter_model.safetensors: PEFT LoRA format (absent for a head-only version)
+- head.safetensors: `weight` [out, hidden], `bias` [out]
+- loradock.json: task, labels, winner and why, label standardization, base fingerprint, metrics
+- reference.json, reference.safetensors: the reference profile for drift
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from loradock.adapters import lora
+from loradock.adapters.base import BaseModel
+from loradock.adapters.probe import LinearHead
+from loradock.adapters.profile import build_profile
+from loradock.adapters.store import ArtifactStore
+
+FORMAT = 1
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+HEAD = "head.safetensors"
+META = "loradock.json"
+REFERENCE_JSON = "reference.json"
+REFERENCE_TENSORS = "reference.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used with this base model."""
+
+
+@dataclass
+class AdapterModel:
+    """A runnable adapter: optional LoRA weights plus a head, on one base model."""
+
+    meta: dict[str, Any]
+    head: LinearHead
+    weights: lora.LoRAWeights | None
+
+    @property
+    def task(self) -> str:
+        return str(self.meta["task"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta.get("labels", []))
+
+    @torch.inference_mode()
+    def forward(
+        self, base: BaseModel, texts: Sequence[str], batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(outputs [n, C] or [n] in label units, pooled [n, hidden], token lengths) for texts."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        outs, pools, lengths = [], [], [0] * len(texts)
+        head = LinearHead(self.head.weight.to(base.device), self.head.bias.to(base.device))
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = base.tokenize([texts[i] for i in idx])
+            with lora.active(self.weights):
+                hidden = base.hidden_states(batch["input_ids"], batch["attention_mask"])
+            pooled = base.mean_pool(hidden, batch["attention_mask"])
+            pools.append(pooled.cpu())
+            outs.append(head(pooled).float().cpu())
+            for j, i in enumerate(idx):
+                lengths[i] = int(batch["attention_mask"][j].sum())
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        outputs = torch.cat(outs)[inverse]
+        pooled_all = torch.cat(pools)[inverse]
+        if self.task == "regression":
+            outputs = outputs.squeeze(-1) * float(self.meta["target_std"]) + float(
+                self.meta["target_mean"]
+            )
+        return outputs, pooled_all, lengths
+
+    def predict(self, base: BaseModel, texts: Sequence[str]) -> list[dict[str, Any]]:
+        outputs, _, _ = self.forward(base, texts)
+        if self.task == "regression":
+            return [{"value": float(v)} for v in outputs]
+        probs = torch.softmax(outputs, dim=-1)
+        labels = self.labels
+        result = []
+        for row in probs:
+            i = int(row.argmax())
+            result.append(
+                {
+                    "label": labels[i],
+                    "score": float(row[i]),
+                    "scores": {lbl: float(row[j]) for j, lbl in enumerate(labels)},
+                }
+            )
+        return result
+
+
+def build_files(
+    *,
+    base: BaseModel,
+    meta: dict[str, Any],
+    head: LinearHead,
+    weights: lora.LoRAWeights | None,
+    profile_texts: Sequence[str],
+    seed: int = 0,
+) -> dict[str, bytes]:
+    """Every file of a version, ready for `ArtifactStore.publish`."""
+    meta = {
+        **meta,
+        "format": FORMAT,
+        "base_fingerprint": base.fingerprint,
+        "base_model_type": base.model_type,
+        "hidden_size": base.hidden_size,
+        "pooling": "mean",
+        "max_length": base.max_length,
+        "has_lora": weights is not None,
+    }
+    if weights is not None:
+        meta["lora"] = {
+            "rank": weights.spec.rank,
+            "alpha": weights.spec.alpha,
+            "dropout": weights.spec.dropout,
+            "target_modules": list(weights.spec.target_modules),
+            "layers": list(weights.spec.layers) if weights.spec.layers is not None else None,
+            "modules": weights.names,
+        }
+    files: dict[str, bytes] = {
+        HEAD: st_save(
+            {"weight": head.weight.contiguous().cpu(), "bias": head.bias.contiguous().cpu()}
+        ),
+        META: json.dumps(meta, indent=2, sort_keys=True).encode(),
+    }
+    if weights is not None:
+        files[PEFT_CONFIG] = json.dumps(
+            weights.peft_config(str(base.path)), indent=2, sort_keys=True
+        ).encode()
+        files[PEFT_WEIGHTS] = st_save(weights.peft_state_dict())
+    model = AdapterModel(meta=meta, head=head, weights=weights)
+    if profile_texts:
+        outputs, pooled, lengths = model.forward(base, profile_texts)
+        profile, tensors = build_profile(
+            task=meta["task"],
+            labels=meta.get("labels", []),
+            outputs=outputs,
+            pooled=pooled,
+            token_lengths=lengths,
+            seed=seed,
+        )
+        files[REFERENCE_JSON] = json.dumps(profile, sort_keys=True).encode()
+        files[REFERENCE_TENSORS] = st_save(tensors)
+    return files
+
+
+def load_adapter(store: ArtifactStore, key: str, base: BaseModel) -> AdapterModel:
+    """Read and verify a version from the store and check that it fits this base model."""
+    meta = json.loads(store.read(key, META))
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{key}: unsupported artifact format {meta.get('format')!r}")
+    if meta.get("base_fingerprint") != base.fingerprint:
+        raise ArtifactError(
+            f"{key} was trained on base {meta.get('base_fingerprint')!r}, "
+            f"this server runs {base.fingerprint!r}"
+        )
+    head_t = st_load(store.read(key, HEAD))
+    head = LinearHead(weight=head_t["weight"], bias=head_t["bias"])
+    weights = None
+    if meta.get("has_lora"):
+        spec_d = meta["lora"]
+        spec = lora.LoRASpec(
+            rank=int(spec_d["rank"]),
+            alpha=float(spec_d["alpha"]),
+            dropout=float(spec_d["dropout"]),
+            target_modules=tuple(spec_d["target_modules"]),
+            layers=tuple(spec_d["layers"]) if spec_d.get("layers") is not None else None,
+        )
+        tensors = st_load(store.read(key, PEFT_WEIGHTS))
+        weights = lora.LoRAWeights.from_peft(spec, tensors, device=base.device, dtype=base.dtype)
+        lora.install(base.backbone, weights.names)
+    return AdapterModel(meta=meta, head=head, weights=weights)

@@ -1,0 +1,392 @@
+"""Training data: parsing (JSON rows, JSONL, CSV), validation with row-level problems, splits."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Task = Literal["classification", "regression"]
+MIN_PER_CLASS = 2  # one for training and one for validation, at the very least
+IMBALANCE_RATIO = 10.0  # largest / smallest class above this earns a warning
+SMALL_DATASET_ROWS = 50  # below this, k-fold cross-validation picks the epoch count
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str | float
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data, pointing at a row (1-based, as a person counts) and field."""
+
+    row: int | None
+    field: str | None
+    message: str
+    dataset: str = "training_data"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "row": self.row,
+            "field": self.field,
+            "message": self.message,
+        }
+
+
+class DatasetError(ValueError):
+    """The data cannot be trained on. `problems` says where and why (the first 50 of them)."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)[:50]
+        first = self.problems[0]
+        where = f"{first.dataset} row {first.row}" if first.row is not None else first.dataset
+        if first.field:
+            where += f" field {first.field!r}"
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        super().__init__(f"{where}: {first.message}{more}")
+
+
+@dataclass
+class Dataset:
+    """Validated examples of one task, plus what validation noticed (dropped rows, warnings)."""
+
+    task: Task
+    examples: list[Example]
+    labels: list[str]  # sorted class names (classification), [] for regression
+    warnings: list[str] = field(default_factory=list)
+    dropped_duplicates: int = 0
+
+    @property
+    def has_groups(self) -> bool:
+        return any(e.group is not None for e in self.examples)
+
+    def class_counts(self) -> dict[str, int]:
+        return dict(Counter(str(e.label) for e in self.examples))
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def parse_jsonl(raw: bytes, dataset: str = "training_data") -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    problems = []
+    for i, line in enumerate(_decode(raw, dataset).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(i, None, f"not valid JSON: {e.msg}", dataset))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(i, None, "each line must be a JSON object", dataset))
+            continue
+        rows.append(obj)
+    if problems:
+        raise DatasetError(problems)
+    return rows
+
+
+def parse_csv(raw: bytes, dataset: str = "training_data") -> list[dict[str, Any]]:
+    """CSV with a header row naming at least `text` and `label` (and optionally `group`)."""
+    reader = csv.DictReader(io.StringIO(_decode(raw, dataset), newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in ("text", "label") if c not in header]
+    if missing:
+        raise DatasetError(
+            [
+                Problem(
+                    1, None, f"CSV header must name text,label[,group]; missing {missing}", dataset
+                )
+            ]
+        )
+    reader.fieldnames = header
+    rows = []
+    for row in reader:
+        rows.append({k: v for k, v in row.items() if k in ("text", "label", "group")})
+    return rows
+
+
+def parse_upload(raw: bytes, filename: str | None, dataset: str = "training_data") -> list[dict]:
+    """JSONL or CSV, told apart by the file name, else by the first character."""
+    name = (filename or "").lower()
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return parse_jsonl(raw, dataset)
+    if name.endswith(".csv"):
+        return parse_csv(raw, dataset)
+    head = raw.lstrip()[:1]
+    return parse_jsonl(raw, dataset) if head == b"{" else parse_csv(raw, dataset)
+
+
+def _decode(raw: bytes, dataset: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError([Problem(None, None, f"file is not UTF-8: {e}", dataset)]) from e
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def validate_rows(
+    rows: Sequence[Mapping[str, Any]],
+    task: Task,
+    *,
+    max_rows: int,
+    max_text_chars: int,
+    dataset: str = "training_data",
+    min_rows: int = 4,
+) -> Dataset:
+    """Check every row; raise DatasetError listing the problems, or return a clean Dataset.
+
+    Exact duplicates (same text and label) are dropped with a warning. The same text with
+    different labels is an error: it makes the label of that text, and validation, meaningless.
+    """
+    if len(rows) > max_rows:
+        raise DatasetError(
+            [Problem(None, None, f"{len(rows)} rows exceed the limit of {max_rows}", dataset)]
+        )
+    if len(rows) < min_rows:
+        raise DatasetError(
+            [Problem(None, None, f"{len(rows)} rows; at least {min_rows} are needed", dataset)]
+        )
+    problems: list[Problem] = []
+    examples: list[tuple[int, Example]] = []
+    for i, row in enumerate(rows, start=1):
+        ex = _check_row(i, row, task, max_text_chars, dataset, problems)
+        if ex is not None:
+            examples.append((i, ex))
+    if problems:
+        raise DatasetError(problems)
+
+    seen: dict[str, tuple[int, str | float]] = {}
+    kept: list[Example] = []
+    dropped = 0
+    for i, ex in examples:
+        key = ex.text.strip()
+        if key in seen:
+            first_row, first_label = seen[key]
+            if first_label != ex.label:
+                problems.append(
+                    Problem(
+                        i, "label",
+                        f"same text as row {first_row} but label {ex.label!r} "
+                        f"instead of {first_label!r} (ambiguous)",
+                        dataset,
+                    )
+                )  # fmt: skip
+            else:
+                dropped += 1
+            continue
+        seen[key] = (i, ex.label)
+        kept.append(ex)
+    if problems:
+        raise DatasetError(problems)
+
+    warnings = []
+    if dropped:
+        warnings.append(f"{dataset}: dropped {dropped} exact duplicate rows")
+    labels: list[str] = []
+    if task == "classification":
+        counts = Counter(str(e.label) for e in kept)
+        labels = sorted(counts)
+        if len(labels) < 2:
+            raise DatasetError(
+                [
+                    Problem(
+                        None, "label", f"{len(labels)} class found; at least 2 are needed", dataset
+                    )
+                ]
+            )
+        ratio = max(counts.values()) / min(counts.values())
+        if ratio > IMBALANCE_RATIO:
+            warnings.append(
+                f"{dataset}: labels are very imbalanced (largest class "
+                f"{max(counts.values())} rows, smallest {min(counts.values())}); "
+                "consider class_weights='balanced'"
+            )
+    else:
+        values = [float(e.label) for e in kept]
+        if max(values) == min(values):
+            raise DatasetError([Problem(None, "label", "all labels are equal", dataset)])
+    return Dataset(
+        task=task, examples=kept, labels=labels, warnings=warnings, dropped_duplicates=dropped
+    )
+
+
+def _check_row(
+    i: int,
+    row: Mapping[str, Any],
+    task: Task,
+    max_text_chars: int,
+    dataset: str,
+    problems: list[Problem],
+) -> Example | None:
+    if not isinstance(row, Mapping):
+        problems.append(Problem(i, None, "row must be an object with text and label", dataset))
+        return None
+    before = len(problems)
+    text = row.get("text")
+    if not isinstance(text, str):
+        problems.append(Problem(i, "text", "missing or not a string", dataset))
+    elif not text.strip():
+        problems.append(Problem(i, "text", "empty text", dataset))
+    elif len(text) > max_text_chars:
+        problems.append(
+            Problem(
+                i, "text", f"{len(text)} characters exceed the limit of {max_text_chars}", dataset
+            )
+        )
+    label = row.get("label")
+    value: str | float | None = None
+    if label is None or (isinstance(label, str) and not label.strip()):
+        problems.append(Problem(i, "label", "missing label", dataset))
+    elif task == "classification":
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            problems.append(
+                Problem(i, "label", "must be a string (or an integer class id)", dataset)
+            )
+        else:
+            value = str(label).strip()
+            if len(value) > 128:
+                problems.append(Problem(i, "label", "longer than 128 characters", dataset))
+    else:
+        try:
+            value = float(label)
+            if isinstance(label, bool) or not math.isfinite(value):
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(
+                Problem(
+                    i, "label", f"regression label must be a finite number, got {label!r}", dataset
+                )
+            )
+    group = row.get("group")
+    if group is not None and not isinstance(group, (str, int)):
+        problems.append(Problem(i, "group", "must be a string", dataset))
+    if len(problems) > before:
+        return None
+    assert isinstance(text, str)
+    assert value is not None
+    return Example(text=text, label=value, group=None if group in (None, "") else str(group))
+
+
+def check_validation_labels(train: Dataset, val: Dataset) -> None:
+    """Validation classes must be classes the model is trained on."""
+    if train.task != "classification":
+        return
+    known = set(train.labels)
+    problems = [
+        Problem(i, "label", f"label {e.label!r} does not occur in training_data", "validation_data")
+        for i, e in enumerate(val.examples, start=1)
+        if str(e.label) not in known
+    ]
+    if problems:
+        raise DatasetError(problems)
+
+
+def remove_leakage(train: Dataset, val: Dataset) -> int:
+    """Drop training rows whose text is also in validation (it would inflate validation scores)."""
+    val_texts = {e.text.strip() for e in val.examples}
+    before = len(train.examples)
+    train.examples = [e for e in train.examples if e.text.strip() not in val_texts]
+    removed = before - len(train.examples)
+    if removed:
+        train.warnings.append(
+            f"dropped {removed} training rows that also appear in validation_data"
+        )
+    return removed
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+
+def stratified_split(
+    examples: Sequence[Example], task: Task, fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of each class (at least one row per class, and one left to train).
+
+    Regression is stratified by quantile bins of the label, so both splits span its range.
+    """
+    rng = random.Random(seed)
+    strata: dict[str, list[Example]] = defaultdict(list)
+    keys = _strata_keys(examples, task)
+    for ex, key in zip(examples, keys, strict=True):
+        strata[key].append(ex)
+    train: list[Example] = []
+    val: list[Example] = []
+    for key in sorted(strata):
+        rows = strata[key][:]
+        rng.shuffle(rows)
+        n_val = max(1, round(len(rows) * fraction)) if len(rows) >= MIN_PER_CLASS else 0
+        n_val = min(n_val, len(rows) - 1)
+        val.extend(rows[:n_val])
+        train.extend(rows[n_val:])
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
+
+
+def stratified_folds(
+    examples: Sequence[Example], task: Task, k: int, seed: int
+) -> list[tuple[list[Example], list[Example]]]:
+    """k (train, validation) folds, each class spread round-robin over the folds."""
+    rng = random.Random(seed)
+    strata: dict[str, list[Example]] = defaultdict(list)
+    for ex, key in zip(examples, _strata_keys(examples, task), strict=True):
+        strata[key].append(ex)
+    fold_of: list[list[Example]] = [[] for _ in range(k)]
+    offset = 0
+    for key in sorted(strata):
+        rows = strata[key][:]
+        rng.shuffle(rows)
+        for j, ex in enumerate(rows):
+            fold_of[(offset + j) % k].append(ex)
+        offset += len(rows)
+    folds = []
+    for i in range(k):
+        val = fold_of[i]
+        train = [ex for j, f in enumerate(fold_of) if j != i for ex in f]
+        folds.append((train, val))
+    return folds
+
+
+def _strata_keys(examples: Sequence[Example], task: Task) -> list[str]:
+    if task == "classification":
+        return [str(e.label) for e in examples]
+    values = sorted(float(e.label) for e in examples)
+    bins = min(5, max(1, len(values) // 4))
+    edges = [values[int(len(values) * q / bins)] for q in range(1, bins)]
+    return [str(sum(float(e.label) >= edge for edge in edges)) for e in examples]
+
+
+def check_split_feasible(ds: Dataset, fraction: float) -> None:
+    """Every class needs a row for training and one for validation."""
+    if ds.task != "classification":
+        return
+    small = {c: n for c, n in ds.class_counts().items() if n < MIN_PER_CLASS}
+    if small:
+        names = ", ".join(f"{c!r} ({n})" for c, n in sorted(small.items()))
+        raise DatasetError(
+            [
+                Problem(
+                    None, "label",
+                    f"classes with fewer than {MIN_PER_CLASS} examples cannot be split into "
+                    f"training and validation: {names}",
+                )
+            ]
+        )  # fmt: skip
+
+
+def iter_texts(examples: Iterable[Example]) -> list[str]:
+    return [e.text for e in examples]

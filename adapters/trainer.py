@@ -1,0 +1,685 @@
+"""Train one adapter (LoRA + task head) on the shared frozen base, with honest validation.
+
+The recipe (linear-probe-then-fine-tune):
+1. pooled embeddings of every text from the frozen base, computed once;
+2. a linear probe on them (the baseline, and the starting head);
+3. LoRA on the chosen layers, starting exactly at the probe (B = 0), trained with AdamW, warm-up
+   and linear decay, gradient clipping, per-batch padding over length-sorted buckets;
+4. validation after every epoch (optionally every N steps), early stopping on validation loss
+   with patience/min_delta, best weights restored;
+5. the winner on validation (LoRA or the probe alone) is what gets served.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, field_validator
+
+from loradock.adapters import lora
+from loradock.adapters.base import BaseModel
+from loradock.adapters.data import (
+    SMALL_DATASET_ROWS,
+    Dataset,
+    Example,
+    stratified_folds,
+    stratified_split,
+)
+from loradock.adapters.evaluation import classification_metrics, regression_metrics
+from loradock.adapters.probe import LinearHead, fit_linear, fit_probe
+from loradock.adapters.scheduling import PriorityGate
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["early_stopping", "max_epochs", "cancelled", "diverged"]
+
+
+class Hyperparameters(Schema):
+    """Training knobs; every one optional with a default that works on small text datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha; scale = alpha / rank.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    learning_rate: float = Field(
+        3e-3, gt=0, le=10, description="Peak learning rate of the LoRA matrices."
+    )
+    head_learning_rate: float | None = Field(
+        None, gt=0, le=10, description="Peak learning rate of the head; default learning_rate."
+    )
+    epochs: int = Field(
+        20, ge=1, le=1000, description="Most epochs (early stopping may end sooner)."
+    )
+    batch_size: int = Field(16, ge=1, le=1024)
+    patience: int = Field(
+        3, ge=1, le=100, description="Evaluations without improvement before stopping."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
+    early_stopping: bool = Field(True, description="Stop on validation loss; off = run all epochs.")
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Linear layer names to adapt; default attention projections.",
+    )
+    trainable_layers: int | list[int] | None = Field(
+        None,
+        description="Blocks that get LoRA: k = the top k blocks, a list = those block indices, "
+        "null = all. Lower frozen blocks are computed once per text and cached.",
+    )
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        None, description="'balanced' (inverse class frequency) or a weight per label."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Also validate every N steps (early stopping counts those too)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (classification)."
+    )
+    init_head_l2: float = Field(
+        0.05,
+        gt=0,
+        description="L2 strength of the linear probe the LoRA head starts from. The baseline "
+        "probe's own L2 is chosen by cross-validation and fits the training rows closely; "
+        "starting from a more regularized head leaves LoRA something to learn "
+        "(measured in bench/README.md).",
+    )
+    cv_folds: int = Field(5, ge=2, le=10, description="Folds for datasets under 50 rows.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not s or "." in s or len(s) > 64 for s in v):
+            raise ValueError("target_modules are layer name suffixes like 'query' or 'q_proj'")
+        return v
+
+
+@dataclass
+class TrainCallbacks:
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None
+    should_cancel: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class TrainOutcome:
+    """Everything a finished (or stopped) job knows. `status` is succeeded, failed or cancelled."""
+
+    status: str
+    stop_reason: StopReason | None
+    task: str
+    labels: list[str]
+    winner: Literal["lora", "probe"] | None = None
+    winner_reason: str = ""
+    weights: lora.LoRAWeights | None = None
+    head: LinearHead | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    validation: list[Example] = field(default_factory=list)
+    error: str | None = None
+
+    def served_metrics(self) -> dict[str, Any]:
+        """Validation metrics of what is served: LoRA's, or the probe's when the probe won."""
+        return self.baseline if self.winner == "probe" else self.metrics
+
+
+class Diverged(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _round(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()}
+
+
+class Trainer:
+    """Trains adapters on one BaseModel. Thread-safe as long as each run uses its own Trainer."""
+
+    def __init__(self, base: BaseModel, gate: PriorityGate | None = None) -> None:
+        self.base = base
+        self.gate = gate or PriorityGate()
+        self.device = base.device
+
+    # --- public --------------------------------------------------------------------------------
+
+    def run(
+        self,
+        train: Dataset,
+        hp: Hyperparameters,
+        *,
+        validation: Sequence[Example] | None = None,
+        validation_split: float = 0.2,
+        callbacks: TrainCallbacks | None = None,
+    ) -> TrainOutcome:
+        cb = callbacks or TrainCallbacks()
+        started = time.perf_counter()
+        out = TrainOutcome(status="running", stop_reason=None, task=train.task, labels=train.labels)
+        report: dict[str, Any] = {"warnings": list(train.warnings)}
+        out.report = report
+        try:
+            self._prepare_targets(train, out)
+            examples = train.examples
+            if validation is not None:
+                splits = [(list(examples), list(validation))]
+                report["validation"] = "given"
+                final_on_all = False
+            elif len(examples) < SMALL_DATASET_ROWS:
+                k = self._cv_k(train, hp)
+                splits = stratified_folds(examples, train.task, k, hp.seed)
+                report["validation"] = f"{k}-fold cross-validation"
+                report["cross_validation"] = {
+                    "folds": k,
+                    "why": f"{len(examples)} rows < {SMALL_DATASET_ROWS}: every row is needed for "
+                    "training, so k-fold cross-validation chose the epoch count and the final "
+                    "model was trained on all rows; reported metrics are fold averages",
+                }
+                final_on_all = True
+            else:
+                tr, va = stratified_split(examples, train.task, validation_split, hp.seed)
+                splits = [(tr, va)]
+                report["validation"] = f"stratified split, {validation_split:.0%} held out"
+                final_on_all = False
+
+            texts = sorted({e.text for tr, va in splits for e in tr + va})
+            embeddings = self._embed_all(texts)
+            report["timings"] = {"embed_seconds": round(time.perf_counter() - started, 3)}
+
+            fold_results = []
+            for i, (tr, va) in enumerate(splits):
+                cb.on_event({"type": "fold", "fold": i + 1, "folds": len(splits)})
+                fold_results.append(self._fit_split(tr, va, hp, embeddings, out, cb))
+
+            if final_on_all:
+                self._finish_cv(train, hp, embeddings, fold_results, out, cb)
+            else:
+                res = fold_results[0]
+                out.weights, out.head = res["lora"], res["head"]
+                out.history, out.metrics, out.baseline = (
+                    res["history"],
+                    res["metrics"],
+                    res["baseline"],
+                )
+                out.stop_reason = res["stop_reason"]
+                out.validation = splits[0][1]
+                self._pick_winner(out, res["probe_head"])
+            report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+            out.status = "succeeded"
+        except Cancelled:
+            out.status, out.stop_reason = "cancelled", "cancelled"
+            out.weights = out.head = None
+        except Diverged as e:
+            out.status, out.stop_reason, out.error = "failed", "diverged", str(e)
+            out.weights = out.head = None
+        return out
+
+    # --- preparation ---------------------------------------------------------------------------
+
+    def _prepare_targets(self, train: Dataset, out: TrainOutcome) -> None:
+        if train.task == "regression":
+            values = [float(e.label) for e in train.examples]
+            out.target_mean = statistics.fmean(values)
+            out.target_std = statistics.pstdev(values) or 1.0
+
+    def _cv_k(self, train: Dataset, hp: Hyperparameters) -> int:
+        if train.task == "classification":
+            smallest = min(train.class_counts().values())
+            return max(2, min(hp.cv_folds, smallest))
+        return max(2, min(hp.cv_folds, len(train.examples) // 2))
+
+    def _embed_all(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        pooled = self.base.embed(list(texts), batch_size=64).cpu().clone()
+        return {t: pooled[i] for i, t in enumerate(texts)}
+
+    def _targets(self, examples: Sequence[Example], out: TrainOutcome) -> torch.Tensor:
+        if out.task == "classification":
+            index = {label: i for i, label in enumerate(out.labels)}
+            return torch.tensor([index[str(e.label)] for e in examples], dtype=torch.long)
+        return torch.tensor(
+            [(float(e.label) - out.target_mean) / out.target_std for e in examples],
+            dtype=torch.float32,
+        )
+
+    def _class_weight(
+        self, examples: Sequence[Example], hp: Hyperparameters, out: TrainOutcome
+    ) -> torch.Tensor | None:
+        if out.task != "classification" or hp.class_weights is None:
+            return None
+        if hp.class_weights == "balanced":
+            counts = torch.zeros(len(out.labels))
+            index = {label: i for i, label in enumerate(out.labels)}
+            for e in examples:
+                counts[index[str(e.label)]] += 1
+            return len(examples) / (len(out.labels) * counts.clamp(min=1))
+        return torch.tensor([float(hp.class_weights.get(lbl, 1.0)) for lbl in out.labels])
+
+    def _spec(self, hp: Hyperparameters) -> tuple[lora.LoRASpec, list[str]]:
+        targets = tuple(hp.target_modules or self.base.default_target_modules())
+        n = self.base.num_layers
+        layers: tuple[int, ...] | None
+        if hp.trainable_layers is None:
+            layers = None
+        elif isinstance(hp.trainable_layers, int):
+            k = min(max(hp.trainable_layers, 1), n)
+            layers = tuple(range(n - k, n))
+        else:
+            bad = [i for i in hp.trainable_layers if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"trainable_layers {bad} outside 0..{n - 1}")
+            layers = tuple(sorted(set(hp.trainable_layers)))
+        spec = lora.LoRASpec(hp.rank, hp.alpha, hp.dropout, targets, layers)
+        linear = [t.name for t in self.base.linear_targets()]
+        names = lora.select_targets(linear, targets, layers)
+        if not names:
+            raise ValueError(f"target_modules {list(targets)} match no Linear layer of the base")
+        return spec, names
+
+    # --- one split -----------------------------------------------------------------------------
+
+    def _eval_probe(
+        self,
+        head: LinearHead,
+        va: Sequence[Example],
+        emb: dict[str, torch.Tensor],
+        out: TrainOutcome,
+    ) -> dict[str, Any]:
+        x = torch.stack([emb[e.text] for e in va])
+        return self._metrics(head(x), va, out)
+
+    def _metrics(
+        self, outputs: torch.Tensor, va: Sequence[Example], out: TrainOutcome
+    ) -> dict[str, Any]:
+        groups = [e.group for e in va]
+        if out.task == "classification":
+            return classification_metrics(outputs, self._targets(va, out), out.labels, groups)
+        pred = outputs.squeeze(-1).float().cpu() * out.target_std + out.target_mean
+        truth = torch.tensor([float(e.label) for e in va])
+        return regression_metrics(pred, truth, groups, scale=out.target_std)
+
+    def _fit_split(
+        self,
+        tr: Sequence[Example],
+        va: Sequence[Example],
+        hp: Hyperparameters,
+        emb: dict[str, torch.Tensor],
+        out: TrainOutcome,
+        cb: TrainCallbacks,
+        *,
+        fixed_epochs: int | None = None,
+    ) -> dict[str, Any]:
+        n_out = len(out.labels) if out.task == "classification" else 1
+        class_weight = self._class_weight(tr, hp, out)
+        t0 = time.perf_counter()
+        x_tr = torch.stack([emb[e.text] for e in tr])
+        probe_head, l2 = fit_probe(
+            x_tr, self._targets(tr, out), n_out, class_weight=class_weight, seed=hp.seed
+        )
+        probe_seconds = time.perf_counter() - t0
+        baseline: dict[str, Any] = {
+            "kind": "linear_probe",
+            "l2": l2,
+            "seconds": round(probe_seconds, 3),
+        }
+        if va:
+            baseline.update(self._summary(self._eval_probe(probe_head, va, emb, out)))
+        cb.on_event({"type": "baseline", "baseline": baseline})
+        init_head = fit_linear(
+            x_tr, self._targets(tr, out), n_out, l2=hp.init_head_l2, class_weight=class_weight
+        )
+        res = self._train_lora(tr, va, hp, init_head, out, cb, class_weight, fixed_epochs)
+        res["baseline"] = baseline
+        res["probe_head"] = probe_head
+        return res
+
+    def _summary(self, m: dict[str, Any]) -> dict[str, Any]:
+        keep = ("loss", "accuracy", "macro_f1", "mse", "mae", "r2", "group_gap")
+        s = {("val_" + k if k != "group_gap" else k): m[k] for k in keep if k in m}
+        for k in ("per_class", "per_group"):
+            if k in m:
+                s[k] = m[k]
+        return _round(s)
+
+    def _train_lora(
+        self,
+        tr: Sequence[Example],
+        va: Sequence[Example],
+        hp: Hyperparameters,
+        probe_head: LinearHead,
+        out: TrainOutcome,
+        cb: TrainCallbacks,
+        class_weight: torch.Tensor | None,
+        fixed_epochs: int | None,
+    ) -> dict[str, Any]:
+        self._smoothing = hp.label_smoothing
+        spec, names = self._spec(hp)
+        lora.install(self.base.backbone, names)
+        shapes = {
+            t.name: (t.in_features, t.out_features)
+            for t in self.base.linear_targets()
+            if t.name in set(names)
+        }
+        gen = torch.Generator().manual_seed(hp.seed)
+        weights = lora.LoRAWeights(spec, shapes, device=self.device, generator=gen)
+        head = torch.nn.Linear(probe_head.weight.shape[1], probe_head.weight.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(probe_head.weight)
+            head.bias.copy_(probe_head.bias)
+        head.to(self.device)
+        cw = class_weight.to(self.device) if class_weight is not None else None
+
+        epochs = fixed_epochs if fixed_epochs is not None else hp.epochs
+        ids = self._tokenize(tr)
+        y_tr = self._targets(tr, out)
+        steps_per_epoch = math.ceil(len(tr) / hp.batch_size)
+        total_steps = max(1, steps_per_epoch * epochs)
+        warmup = int(total_steps * hp.warmup_ratio)
+        head_lr = hp.head_learning_rate or hp.learning_rate
+        lora_params = list(weights.parameters())
+        opt = torch.optim.AdamW(
+            [
+                {"params": lora_params, "lr": hp.learning_rate, "weight_decay": hp.weight_decay},
+                {"params": list(head.parameters()), "lr": head_lr, "weight_decay": hp.weight_decay},
+            ]
+        )
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        rng = random.Random(hp.seed)
+        va_ids = self._tokenize(va) if va else []
+
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None, "metrics": None}
+        if va:
+            start_metrics = self._evaluate(weights, head, va, va_ids, out)
+            best.update(loss=start_metrics["loss"], metrics=start_metrics)
+            best["state"] = self._snapshot(weights, head)
+        bad_evals = 0
+        stop_reason: StopReason = "max_epochs"
+        step = 0
+        first_loss: float | None = None
+        recent: list[float] = []
+        stop = False
+        epoch = 0
+        for epoch in range(1, epochs + 1):
+            weights.train()
+            t_epoch = time.perf_counter()
+            losses = []
+            for batch in self._batches(ids, hp.batch_size, rng):
+                if cb.should_cancel():
+                    raise Cancelled()
+                self.gate.yield_to_serving()
+                loss = self._step(weights, head, ids, y_tr, batch, out, cw)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    lora_params + list(head.parameters()), hp.max_grad_norm
+                )
+                opt.step()
+                sched.step()
+                step += 1
+                value = float(loss.detach())
+                self._check_divergence(value, first_loss, recent)
+                first_loss = value if first_loss is None else first_loss
+                losses.append(value)
+                cb.on_event(
+                    {"type": "progress", "epoch": epoch, "epochs": epochs, "step": step,
+                     "steps": total_steps, "loss": round(value, 5)}
+                )  # fmt: skip
+                if va and hp.eval_every_steps and step % hp.eval_every_steps == 0:
+                    stop, bad_evals = self._validate(
+                        weights, head, va, va_ids, out, hp, history, best, bad_evals,
+                        epoch, step, statistics.fmean(losses), cb, partial=True,
+                    )  # fmt: skip
+                    weights.train()
+                    if stop:
+                        stop_reason = "early_stopping"
+                        break
+            if stop:
+                break
+            train_loss = statistics.fmean(losses) if losses else float("nan")
+            if va:
+                stop, bad_evals = self._validate(
+                    weights, head, va, va_ids, out, hp, history, best, bad_evals,
+                    epoch, step, train_loss, cb, seconds=time.perf_counter() - t_epoch,
+                )  # fmt: skip
+                if stop:
+                    stop_reason = "early_stopping"
+                    break
+            else:
+                record = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5)}
+                history.append(record)
+                cb.on_event({"type": "epoch", **record})
+
+        if va and best["state"] is not None:
+            self._restore(weights, head, best["state"])
+        weights.eval()
+        weights.requires_grad_(False)
+        head.requires_grad_(False)
+        best_epoch = best["epoch"] if va else epoch
+        metrics: dict[str, Any] = {
+            "best_epoch": best_epoch,
+            "stop_reason": stop_reason,
+            "epochs_run": epoch,
+            "steps": step,
+            "trainable_parameters": sum(p.numel() for p in lora_params),
+        }
+        if va and best["metrics"] is not None:
+            metrics.update(self._summary(best["metrics"]))
+            at_best = next(
+                (h for h in history if h["epoch"] == best_epoch and not h.get("partial")), None
+            )
+            if at_best is not None:
+                metrics["train_loss"] = at_best["train_loss"]
+                metrics["generalization_gap"] = round(
+                    at_best["val_loss"] - at_best["train_loss"], 5
+                )
+        head_out = LinearHead(weight=head.weight.detach().cpu(), bias=head.bias.detach().cpu())
+        return {
+            "lora": weights, "spec": spec, "head": head_out, "history": history,
+            "metrics": metrics, "stop_reason": stop_reason, "best_epoch": best_epoch,
+        }  # fmt: skip
+
+    def _validate(
+        self, weights, head, va, va_ids, out, hp, history, best, bad_evals, epoch, step,
+        train_loss, cb, *, partial=False, seconds=None,
+    ) -> tuple[bool, int]:  # fmt: skip
+        m = self._evaluate(weights, head, va, va_ids, out)
+        record: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5)}
+        record.update({k: v for k, v in self._summary(m).items() if k not in ("per_group",)})
+        if partial:
+            record["partial"] = True
+        if seconds is not None:
+            record["seconds"] = round(seconds, 3)
+        improved = m["loss"] < best["loss"] - hp.min_delta
+        if improved:
+            best.update(loss=m["loss"], epoch=epoch, metrics=m, state=self._snapshot(weights, head))
+            bad_evals = 0
+        else:
+            bad_evals += 1
+        record["best"] = improved
+        history.append(record)
+        cb.on_event({"type": "epoch" if not partial else "evaluation", **record})
+        return hp.early_stopping and bad_evals >= hp.patience, bad_evals
+
+    # --- mechanics -----------------------------------------------------------------------------
+
+    def _tokenize(self, examples: Sequence[Example]) -> list[list[int]]:
+        enc = self.base.tokenizer(
+            [e.text for e in examples], truncation=True, max_length=self.base.max_length
+        )
+        return [list(x) for x in enc["input_ids"]]
+
+    def _batches(
+        self, ids: list[list[int]], batch_size: int, rng: random.Random
+    ) -> list[list[int]]:
+        """Length-bucketed batches: shuffle, sort within chunks of 50 batches, shuffle batches."""
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        chunk = batch_size * 50
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: len(ids[i]))
+            batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
+        rng.shuffle(batches)
+        return batches
+
+    def _pad(self, ids: list[list[int]], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids[i]) for i in rows)
+        pad = self.base.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
+            mask[r, : len(ids[i])] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def _forward(
+        self,
+        weights: lora.LoRAWeights,
+        head: torch.nn.Module,
+        ids: list[list[int]],
+        rows: Sequence[int],
+    ) -> torch.Tensor:
+        input_ids, mask = self._pad(ids, rows)
+        with lora.active(weights):
+            hidden = self.base.hidden_states(input_ids, mask)
+        pooled = BaseModel.mean_pool(hidden, mask)
+        return head(pooled)
+
+    def _step(self, weights, head, ids, y, rows, out, cw) -> torch.Tensor:
+        outputs = self._forward(weights, head, ids, rows)
+        target = y[rows].to(self.device)
+        if out.task == "classification":
+            return F.cross_entropy(outputs, target, weight=cw, label_smoothing=self._smoothing)
+        return F.mse_loss(outputs.squeeze(-1), target)
+
+    @torch.inference_mode()
+    def _evaluate(self, weights, head, va, va_ids, out) -> dict[str, Any]:
+        was_training = weights.training
+        weights.eval()
+        order = sorted(range(len(va)), key=lambda i: len(va_ids[i]))
+        chunks = []
+        for s in range(0, len(order), 64):
+            chunks.append(self._forward(weights, head, va_ids, order[s : s + 64]).float().cpu())
+        outputs = torch.empty(len(va), chunks[0].shape[1])
+        outputs[torch.tensor(order)] = torch.cat(chunks)
+        weights.train(was_training)
+        return self._metrics(outputs, va, out)
+
+    def _check_divergence(self, value: float, first: float | None, recent: list[float]) -> None:
+        if not math.isfinite(value):
+            raise Diverged(f"training loss became {value}")
+        recent.append(value)
+        del recent[:-10]
+        if first is not None and len(recent) == 10:
+            limit = max(10 * first, first + 10)
+            if statistics.fmean(recent) > limit:
+                raise Diverged(
+                    "training loss exploded: mean of the last 10 steps "
+                    f"{statistics.fmean(recent):.3g} > {limit:.3g} "
+                    f"(10x the first step's loss {first:.3g})"
+                )
+
+    @staticmethod
+    def _snapshot(weights: lora.LoRAWeights, head: torch.nn.Module) -> dict[str, Any]:
+        return {
+            "lora": {k: v.detach().clone() for k, v in weights.state_dict().items()},
+            "head": {k: v.detach().clone() for k, v in head.state_dict().items()},
+        }
+
+    @staticmethod
+    def _restore(weights: lora.LoRAWeights, head: torch.nn.Module, state: dict[str, Any]) -> None:
+        weights.load_state_dict(state["lora"])
+        head.load_state_dict(state["head"])
+
+    # --- finishing -----------------------------------------------------------------------------
+
+    def _pick_winner(self, out: TrainOutcome, probe_head: LinearHead) -> None:
+        key = "val_macro_f1" if out.task == "classification" else "val_loss"
+        lora_score = out.metrics.get(key)
+        probe_score = out.baseline.get(key)
+        better = (
+            lora_score is not None
+            and probe_score is not None
+            and (lora_score > probe_score if key == "val_macro_f1" else lora_score < probe_score)
+        )
+        if out.metrics.get("best_epoch", 0) == 0:
+            better = False
+        if better:
+            out.winner = "lora"
+            out.winner_reason = (
+                f"LoRA {key} {lora_score:.4f} beats the linear probe's {probe_score:.4f}"
+            )
+        else:
+            out.winner = "probe"
+            out.winner_reason = (
+                f"the linear probe's {key} {probe_score} is at least as good as LoRA's "
+                f"{lora_score}; serving the probe alone (a head-only adapter)"
+            )
+            out.weights = None
+            out.head = probe_head
+        if out.task == "classification" and out.metrics.get("train_loss") is not None:
+            out.report["generalization_gap"] = out.metrics.get("generalization_gap")
+
+    def _finish_cv(
+        self,
+        train: Dataset,
+        hp: Hyperparameters,
+        emb: dict[str, torch.Tensor],
+        folds: list[dict[str, Any]],
+        out: TrainOutcome,
+        cb: TrainCallbacks,
+    ) -> None:
+        """Average the folds, then train on every row for the median best epoch count."""
+        best_epochs = [f["best_epoch"] for f in folds]
+        epochs = int(statistics.median(best_epochs))
+        out.report["cross_validation"]["best_epochs"] = best_epochs
+        out.report["cross_validation"]["chosen_epochs"] = epochs
+
+        def mean_of(key: str, source: str) -> float | None:
+            vals = [f[source].get(key) for f in folds if f[source].get(key) is not None]
+            return round(statistics.fmean(vals), 5) if vals else None
+
+        keys = ("val_loss", "val_accuracy", "val_macro_f1", "val_mse", "val_mae", "val_r2")
+        out.metrics = {k: v for k in keys if (v := mean_of(k, "metrics")) is not None}
+        out.baseline = {k: v for k in keys if (v := mean_of(k, "baseline")) is not None}
+        out.baseline["kind"] = "linear_probe"
+        out.history = folds[0]["history"]
+        out.report["cross_validation"]["fold_histories"] = [f["history"] for f in folds]
+        all_rows = train.examples
+        final = self._fit_split(all_rows, [], hp, emb, out, cb, fixed_epochs=max(1, epochs))
+        out.metrics.update(
+            {"best_epoch": epochs, "stop_reason": "max_epochs", "epochs_run": max(1, epochs),
+             "steps": final["metrics"]["steps"],
+             "trainable_parameters": final["metrics"]["trainable_parameters"]}
+        )  # fmt: skip
+        out.stop_reason = "early_stopping" if epochs < hp.epochs else "max_epochs"
+        out.metrics["stop_reason"] = out.stop_reason
+        out.weights, out.head = final["lora"], final["head"]
+        out.validation = []
+        self._pick_winner(out, final["probe_head"])
+        if epochs == 0:
+            out.winner = "probe"

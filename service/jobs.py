@@ -1,0 +1,458 @@
+"""Training jobs: persisted in the registry, run by worker threads inside the server.
+
+A job row is the source of truth. Workers claim queued jobs with a conditional UPDATE (only one
+claimer wins, on SQLite and PostgreSQL alike), train, publish the artifact atomically, then record
+the outcome and promotion in one transaction. Jobs found `running` at start-up were interrupted by
+a crash: they are re-queued, or failed once they have used up their attempts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from loradock.adapters.artifacts import build_files
+from loradock.adapters.base import BaseModel
+from loradock.adapters.data import Dataset, Example
+from loradock.adapters.scheduling import PriorityGate
+from loradock.adapters.store import ArtifactStore, StoreError, artifact_key
+from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer, TrainOutcome
+from loradock.service.db.models import Adapter, Job, Version, utcnow
+from loradock.service.db.registry import Database
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+DATASET_FILE = "dataset.json"
+
+
+def dataset_key(tenant_id: str, adapter_id: str, job_id: str) -> str:
+    return f"{tenant_id}/{adapter_id}/datasets/{job_id}"
+
+
+def encode_dataset(
+    task: str,
+    train: Dataset,
+    validation: Dataset | None,
+    validation_split: float,
+) -> bytes:
+    def rows(ds: Dataset) -> list[dict[str, Any]]:
+        return [{"text": e.text, "label": e.label, "group": e.group} for e in ds.examples]
+
+    return json.dumps(
+        {
+            "task": task,
+            "labels": train.labels,
+            "warnings": train.warnings,
+            "training": rows(train),
+            "validation": rows(validation) if validation is not None else None,
+            "validation_split": validation_split,
+        }
+    ).encode()
+
+
+def decode_dataset(raw: bytes) -> tuple[Dataset, list[Example] | None, float]:
+    body = json.loads(raw)
+
+    def examples(rows: list[dict[str, Any]]) -> list[Example]:
+        return [Example(text=r["text"], label=r["label"], group=r.get("group")) for r in rows]
+
+    train = Dataset(
+        task=body["task"],
+        examples=examples(body["training"]),
+        labels=list(body["labels"]),
+        warnings=list(body.get("warnings", [])),
+    )
+    val = examples(body["validation"]) if body.get("validation") is not None else None
+    return train, val, float(body.get("validation_split", 0.2))
+
+
+def better_than(new: dict[str, Any], live: dict[str, Any], task: str) -> bool:
+    """Does a new version beat the live one on validation (macro-F1, or loss for regression)?"""
+    key = "val_macro_f1" if task == "classification" else "val_loss"
+    a, b = new.get(key), live.get(key)
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return bool(a > b) if key == "val_macro_f1" else bool(a < b)
+
+
+class JobRunner:
+    """Worker threads that train queued jobs. `wake()` after queueing one to start it at once."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ArtifactStore,
+        base: BaseModel,
+        *,
+        workers: int = 1,
+        max_attempts: int = 3,
+        gate: PriorityGate | None = None,
+        on_finished: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.base = base
+        self.workers = workers
+        self.max_attempts = max_attempts
+        self.gate = gate or PriorityGate()
+        self.on_finished = on_finished
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._cancel: set[str] = set()
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def recover(self) -> tuple[int, int]:
+        """Jobs left `running` by a dead process: re-queue, or fail after max_attempts.
+
+        Returns (requeued, failed).
+        """
+        requeued = failed = 0
+        with self.db.session() as s:
+            for job in s.scalars(select(Job).where(Job.status == "running")).all():
+                if job.attempts >= self.max_attempts:
+                    finish_failed(
+                        s, job, f"interrupted {job.attempts} times (max_attempts reached)", None
+                    )
+                    failed += 1
+                else:
+                    job.status, job.claimed_by, job.heartbeat_at = "queued", None, None
+                    job.progress = {**(job.progress or {}), "requeued": True}
+                    requeued += 1
+        if requeued or failed:
+            log.info("recovered interrupted jobs: %d re-queued, %d failed", requeued, failed)
+        return requeued, failed
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            t = threading.Thread(target=self._loop, name=f"loradock-job-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the workers; a running job is interrupted and re-queued for the next start."""
+        self._stop.set()
+        with self._lock:
+            self._cancel.update(self._running)
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancel.add(job_id)
+
+    @property
+    def running(self) -> set[str]:
+        with self._lock:
+            return set(self._running)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job_id = self._claim()
+            if job_id is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job_id)
+            except Exception:
+                log.exception("job %s crashed", job_id)
+                with self.db.session() as s:
+                    job = s.get(Job, job_id)
+                    if job is not None and job.status == "running":
+                        finish_failed(s, job, "internal error while training; see the log", None)
+            finally:
+                with self._lock:
+                    self._running.discard(job_id)
+                    self._cancel.discard(job_id)
+
+    def _claim(self) -> str | None:
+        with self.db.session() as s:
+            candidates = s.scalars(
+                select(Job.id)
+                .where(Job.status == "queued")
+                .order_by(Job.created_at, Job.id)
+                .limit(5)
+            ).all()
+            for job_id in candidates:
+                claimed = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == "queued")
+                    .values(
+                        status="running",
+                        claimed_by=self.worker_id,
+                        attempts=Job.attempts + 1,
+                        started_at=utcnow(),
+                        heartbeat_at=utcnow(),
+                    )
+                )
+                if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                    with self._lock:
+                        self._running.add(job_id)
+                    return job_id
+        return None
+
+    def _run(self, job_id: str) -> None:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            tenant_id, adapter_id, version = job.tenant_id, job.adapter_id, job.version
+            spec = dict(job.spec)
+            if job.cancel_requested:
+                finish_cancelled(s, job)
+                return
+        raw = self.store.read(dataset_key(tenant_id, adapter_id, job_id), DATASET_FILE)
+        train, validation, split = decode_dataset(raw)
+        hp = Hyperparameters.model_validate(spec.get("hyperparameters") or {})
+        log.info(
+            "job %s: training %s v%d on %d rows", job_id, adapter_id, version, len(train.examples)
+        )
+
+        progress = _ProgressWriter(self.db, job_id)
+        callbacks = TrainCallbacks(
+            on_event=progress.on_event, should_cancel=lambda: self._cancelled(job_id, progress)
+        )
+        outcome = Trainer(self.base, self.gate).run(
+            train, hp, validation=validation, validation_split=split, callbacks=callbacks
+        )
+        progress.flush()
+
+        if outcome.status == "cancelled" and self._stop.is_set():
+            with self.db.session() as s:  # interrupted by shutdown: run it again next start
+                job = s.get(Job, job_id)
+                if job is not None:
+                    job.status, job.claimed_by = "queued", None
+            log.info("job %s: interrupted by shutdown, re-queued", job_id)
+            return
+        if outcome.status == "succeeded":
+            self._publish(job_id, tenant_id, adapter_id, version, spec, outcome)
+        else:
+            with self.db.session() as s:
+                job = s.get(Job, job_id)
+                assert job is not None
+                if outcome.status == "cancelled":
+                    finish_cancelled(s, job)
+                else:
+                    finish_failed(s, job, outcome.error or "training failed", outcome)
+        if self.on_finished is not None:
+            self.on_finished(job_id, outcome.status)
+
+    def _cancelled(self, job_id: str, progress: _ProgressWriter) -> bool:
+        with self._lock:
+            if job_id in self._cancel:
+                return True
+        return progress.cancel_requested()
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def _publish(
+        self,
+        job_id: str,
+        tenant_id: str,
+        adapter_id: str,
+        version: int,
+        spec: dict[str, Any],
+        outcome: TrainOutcome,
+    ) -> None:
+        assert outcome.head is not None
+        meta = {
+            "task": outcome.task,
+            "labels": outcome.labels,
+            "winner": outcome.winner,
+            "winner_reason": outcome.winner_reason,
+            "target_mean": outcome.target_mean,
+            "target_std": outcome.target_std,
+            "adapter_id": adapter_id,
+            "version": version,
+            "hyperparameters": spec.get("hyperparameters") or {},
+            "metrics": outcome.metrics,
+            "baseline": {k: v for k, v in outcome.baseline.items() if k != "per_class"},
+        }
+        profile_texts = [e.text for e in outcome.validation][:2000]
+        files = build_files(
+            base=self.base,
+            meta=meta,
+            head=outcome.head,
+            weights=outcome.weights,
+            profile_texts=profile_texts,
+        )
+        key = artifact_key(tenant_id, adapter_id, version)
+        try:
+            self.store.publish(key, files, {"job_id": job_id, "adapter_id": adapter_id})
+        except StoreError as e:
+            with self.db.session() as s:
+                job = s.get(Job, job_id)
+                assert job is not None
+                finish_failed(s, job, f"could not publish the artifact: {e}", outcome)
+            return
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            ver = s.scalar(
+                select(Version).where(Version.adapter_id == adapter_id, Version.version == version)
+            )
+            adapter = s.get(Adapter, adapter_id)
+            if job is None or ver is None or adapter is None:
+                # The adapter was deleted while training: the artifact must not outlive it.
+                self.store.delete(key)
+                return
+            ver.status = "ready"
+            ver.metrics = outcome.metrics
+            ver.history = outcome.history
+            ver.baseline = outcome.baseline
+            ver.report = {
+                **outcome.report,
+                "labels": outcome.labels,
+                "winner": outcome.winner,
+                "winner_reason": outcome.winner_reason,
+            }
+            ver.artifact_key = key
+            ver.base_fingerprint = self.base.fingerprint
+            job.status, job.stop_reason, job.finished_at = (
+                "succeeded",
+                outcome.stop_reason,
+                utcnow(),
+            )
+            job.history = outcome.history
+            self._maybe_promote(s, adapter, ver, spec.get("promote", "if_better"), outcome)
+        log.info("job %s: %s v%d ready (%s)", job_id, adapter_id, version, outcome.winner_reason)
+
+    def _maybe_promote(
+        self, s: Any, adapter: Adapter, ver: Version, policy: str, outcome: TrainOutcome
+    ) -> None:
+        promote = False
+        reason = ""
+        if policy == "always":
+            promote, reason = True, "promote=always"
+        elif policy == "never":
+            reason = "promote=never"
+        elif adapter.live_version is None:
+            promote, reason = True, "no live version yet"
+        else:
+            live = s.scalar(
+                select(Version).where(
+                    Version.adapter_id == adapter.id, Version.version == adapter.live_version
+                )
+            )
+            live_metrics = live.metrics if live is not None else {}
+            if better_than(outcome.served_metrics(), live_metrics, adapter.task):
+                promote, reason = True, f"beats live version {adapter.live_version} on validation"
+            else:
+                reason = f"does not beat live version {adapter.live_version} on validation"
+        ver.report = {**(ver.report or {}), "promotion": {"promoted": promote, "reason": reason}}
+        if promote:
+            adapter.live_version = ver.version
+            adapter.labels = outcome.labels
+        adapter.status = "ready" if adapter.live_version is not None else adapter.status
+
+
+def finish_failed(s: Any, job: Job, error: str, outcome: TrainOutcome | None) -> None:
+    job.status, job.error, job.finished_at = "failed", error, utcnow()
+    if outcome is not None:
+        job.stop_reason = outcome.stop_reason
+        job.history = outcome.history
+    _close_version(s, job, "failed")
+
+
+def finish_cancelled(s: Any, job: Job) -> None:
+    job.status, job.stop_reason, job.finished_at = "cancelled", "cancelled", utcnow()
+    _close_version(s, job, "cancelled")
+
+
+def _close_version(s: Any, job: Job, status: str) -> None:
+    ver = s.scalar(
+        select(Version).where(Version.adapter_id == job.adapter_id, Version.version == job.version)
+    )
+    if ver is not None:
+        ver.status = status
+        ver.metrics = {**(ver.metrics or {}), "stop_reason": job.stop_reason}
+    adapter = s.get(Adapter, job.adapter_id)
+    if adapter is not None and adapter.live_version is None:
+        adapter.status = "failed"
+
+
+class _ProgressWriter:
+    """Writes job progress to the registry: every epoch at once, step progress at most 2x/second."""
+
+    def __init__(self, db: Database, job_id: str, interval: float = 0.5) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.interval = interval
+        self.progress: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._last_write = 0.0
+        self._last_cancel_check = 0.0
+        self._cancel = False
+        self._dirty = False
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "progress":
+            self.progress.update(
+                {k: event[k] for k in ("epoch", "epochs", "step", "steps") if k in event}
+            )
+            self.progress["loss"] = event.get("loss")
+            self._dirty = True
+            if time.monotonic() - self._last_write >= self.interval:
+                self.flush()
+        elif kind in ("epoch", "evaluation"):
+            record = {k: v for k, v in event.items() if k != "type"}
+            self.history.append(record)
+            self._dirty = True
+            self.flush()
+        elif kind == "baseline":
+            self.progress["baseline"] = {
+                k: v for k, v in event["baseline"].items() if k not in ("per_class", "per_group")
+            }
+            self._dirty = True
+        elif kind == "fold":
+            self.progress["fold"] = event["fold"]
+            self.progress["folds"] = event["folds"]
+            self.history = []  # each fold restarts the epoch history
+            self._dirty = True
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        with self.db.session() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(
+                    progress=dict(self.progress), history=list(self.history), heartbeat_at=utcnow()
+                )
+            )
+        self._last_write = time.monotonic()
+        self._dirty = False
+
+    def cancel_requested(self) -> bool:
+        """The cancel flag in the registry (set by any replica), checked at most once a second."""
+        now = time.monotonic()
+        if not self._cancel and now - self._last_cancel_check >= 1.0:
+            self._last_cancel_check = now
+            with self.db.session() as s:
+                self._cancel = bool(
+                    s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+                )
+        return self._cancel
