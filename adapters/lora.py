@@ -88,7 +88,9 @@ def install(backbone: nn.Module, names: Sequence[str]) -> list[str]:
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
         parent_name, _, child = name.rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        setattr(parent, child, LoRALinear(module, name))
+        wrapper = LoRALinear(module, name)
+        wrapper.train(module.training)  # a frozen eval-mode backbone stays in eval mode
+        setattr(parent, child, wrapper)
         wrapped.append(name)
     return wrapped
 
@@ -169,14 +171,27 @@ class LoRAWeights(nn.Module):
                     a.uniform_(-bound, bound)
             self.A.append(nn.Parameter(a))
             self.B.append(nn.Parameter(torch.zeros(d_out, spec.rank, device=device, dtype=dtype)))
-        self.drop = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        # Dropout masks come from an own generator: seeded runs repeat exactly, and training in one
+        # thread never consumes the global RNG another thread relies on.
+        self._dropout_gen: torch.Generator | None = None
+
+    def seed_dropout(self, seed: int) -> None:
+        device = self.A[0].device if len(self.A) else torch.device("cpu")
+        self._dropout_gen = torch.Generator(device=device).manual_seed(seed)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.spec.dropout
+        if not self.training or p <= 0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1 - p, generator=self._dropout_gen)
+        return x * keep / (1 - p)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         i = self._index.get(name)
         if i is None:
             return None
         a, b = self.A[i], self.B[i]
-        h = self.drop(x).to(a.dtype) @ a.t()
+        h = self._dropout(x).to(a.dtype) @ a.t()
         return ((h @ b.t()) * self.spec.scale).to(x.dtype)
 
     # --- PEFT interchange ----------------------------------------------------------------------

@@ -379,6 +379,7 @@ class Trainer:
         }
         gen = torch.Generator().manual_seed(hp.seed)
         weights = lora.LoRAWeights(spec, shapes, device=self.device, generator=gen)
+        weights.seed_dropout(hp.seed)
         head = torch.nn.Linear(probe_head.weight.shape[1], probe_head.weight.shape[0])
         with torch.no_grad():
             head.weight.copy_(probe_head.weight)

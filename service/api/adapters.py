@@ -8,11 +8,11 @@ import zipfile
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.datastructures import UploadFile
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
 
 from loradock.adapters.data import (
     Dataset,

@@ -1,0 +1,236 @@
+import math
+import threading
+
+import pytest
+import torch
+
+from loradock.adapters.base import BaseModel
+from loradock.adapters.data import validate_rows
+from loradock.adapters.scheduling import PriorityGate
+from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer
+from tests.datasets import keyword_rows, regression_rows
+
+# Tiny random models learn slowly: a high learning rate keeps these tests short.
+FAST = {"learning_rate": 0.05, "init_head_l2": 1e-3, "batch_size": 8}
+
+
+@pytest.fixture
+def base(tiny_bert_dir):
+    return BaseModel.load(tiny_bert_dir, device="cpu")
+
+
+def dataset(rows, task="classification"):
+    return validate_rows(rows, task, max_rows=10_000, max_text_chars=1000)
+
+
+def test_runs_reports_and_restores_the_best_epoch(base):
+    out = Trainer(base).run(dataset(keyword_rows(30)), Hyperparameters(epochs=8, **FAST))
+    assert out.status == "succeeded"
+    assert out.stop_reason in ("early_stopping", "max_epochs")
+    assert out.history
+    assert [h["epoch"] for h in out.history] == list(range(1, len(out.history) + 1))
+    for h in out.history:
+        assert set(h) >= {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "per_class"}
+        assert set(h["per_class"]) == {"billing", "login", "shipping"}
+    m = out.metrics
+    best_loss = min([h["val_loss"] for h in out.history] + [math.inf])
+    if m["best_epoch"] > 0:
+        assert m["val_loss"] == pytest.approx(best_loss, abs=1e-4)
+        at_best = out.history[m["best_epoch"] - 1]
+        assert m["generalization_gap"] == pytest.approx(
+            at_best["val_loss"] - at_best["train_loss"], abs=1e-4
+        )
+    assert out.baseline["kind"] == "linear_probe"
+    assert 0 <= out.baseline["val_macro_f1"] <= 1
+    assert out.winner in ("lora", "probe")
+    assert out.winner_reason
+    assert out.report["validation"].startswith("stratified split")
+
+
+def test_the_winner_is_never_worse_than_the_probe_on_validation(base):
+    out = Trainer(base).run(dataset(keyword_rows(30)), Hyperparameters(epochs=6, **FAST))
+    served = out.served_metrics()
+    assert served["val_macro_f1"] >= out.baseline["val_macro_f1"]
+    if out.winner == "probe":
+        assert out.weights is None  # a head-only adapter
+    else:
+        assert out.weights is not None
+        assert out.metrics["val_macro_f1"] > out.baseline["val_macro_f1"]
+
+
+def test_early_stopping_stops_when_validation_loss_rises(base):
+    # A learning rate this high overfits 45 rows within a few epochs.
+    hp = Hyperparameters(epochs=40, patience=2, learning_rate=0.2, init_head_l2=1e-3, batch_size=8)
+    out = Trainer(base).run(dataset(keyword_rows(15)), hp)
+    assert out.stop_reason == "early_stopping"
+    assert len(out.history) < 40
+    tail = out.history[-2:]
+    assert all(not h["best"] for h in tail)  # the patience window had no improvement
+
+
+def test_early_stopping_off_runs_every_epoch(base):
+    hp = Hyperparameters(epochs=4, early_stopping=False, **FAST)
+    out = Trainer(base).run(dataset(keyword_rows(20)), hp)
+    assert out.stop_reason == "max_epochs"
+    assert len(out.history) == 4
+
+
+def test_given_validation_set_is_used_as_is(base):
+    val = dataset(keyword_rows(4, seed=9))
+    out = Trainer(base).run(
+        dataset(keyword_rows(20)), Hyperparameters(epochs=2, **FAST), validation=val.examples
+    )
+    assert out.report["validation"] == "given"
+    assert sum(c["support"] for c in out.history[0]["per_class"].values()) == 12
+
+
+def test_small_datasets_use_cross_validation_then_train_on_everything(base):
+    out = Trainer(base).run(dataset(keyword_rows(8)), Hyperparameters(epochs=4, **FAST))
+    cv = out.report["cross_validation"]
+    assert out.report["validation"] == "5-fold cross-validation"
+    assert len(cv["best_epochs"]) == 5
+    assert cv["chosen_epochs"] == sorted(cv["best_epochs"])[2]
+    assert "trained on all rows" in cv["why"]
+    assert 0 <= out.metrics["val_macro_f1"] <= 1
+
+
+def test_regression_is_standardized_and_reported_in_label_units(base):
+    out = Trainer(base).run(
+        dataset(regression_rows(80), "regression"), Hyperparameters(epochs=3, **FAST)
+    )
+    assert out.status == "succeeded"
+    assert out.target_std > 0.5
+    assert out.target_mean == pytest.approx(2.5, abs=0.6)
+    assert {"val_mse", "val_mae", "val_r2"} <= set(out.metrics)
+    assert out.labels == []
+
+
+def test_groups_give_per_group_accuracy_and_gap(base):
+    out = Trainer(base).run(
+        dataset(keyword_rows(30, groups=True)), Hyperparameters(epochs=2, **FAST)
+    )
+    per_group = out.metrics["per_group"]
+    assert set(per_group) == {"eu", "us"}
+    gap = abs(per_group["eu"]["accuracy"] - per_group["us"]["accuracy"])
+    assert out.metrics["group_gap"] == pytest.approx(gap, abs=1e-3)
+
+
+def test_balanced_class_weights_change_training(base):
+    rows = [r for r in keyword_rows(30) if r["label"] != "login"] + keyword_rows(4)[:3]
+    plain = Trainer(base).run(dataset(rows), Hyperparameters(epochs=2, **FAST))
+    balanced = Trainer(base).run(
+        dataset(rows), Hyperparameters(epochs=2, class_weights="balanced", **FAST)
+    )
+    assert plain.history[0]["train_loss"] != balanced.history[0]["train_loss"]
+
+
+def test_seeded_runs_are_reproducible(base):
+    a = Trainer(base).run(dataset(keyword_rows(20)), Hyperparameters(epochs=2, **FAST))
+    b = Trainer(base).run(dataset(keyword_rows(20)), Hyperparameters(epochs=2, **FAST))
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert strip(a.history) == strip(b.history)
+    assert a.metrics == b.metrics
+
+
+def test_divergence_fails_cleanly(base):
+    out = Trainer(base).run(
+        dataset(keyword_rows(20)), Hyperparameters(epochs=5, learning_rate=10.0, batch_size=4)
+    )
+    assert out.status == "failed"
+    assert out.stop_reason == "diverged"
+    assert "loss" in out.error
+    assert out.weights is None
+    assert out.head is None
+
+
+def test_cancel_stops_and_keeps_nothing(base):
+    calls = {"n": 0}
+
+    def should_cancel():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    out = Trainer(base).run(
+        dataset(keyword_rows(20)),
+        Hyperparameters(epochs=10, **FAST),
+        callbacks=TrainCallbacks(should_cancel=should_cancel),
+    )
+    assert out.status == "cancelled"
+    assert out.stop_reason == "cancelled"
+    assert out.weights is None
+
+
+def test_events_report_progress_and_epochs(base):
+    events = []
+    Trainer(base).run(
+        dataset(keyword_rows(20)),
+        Hyperparameters(epochs=2, early_stopping=False, **FAST),
+        callbacks=TrainCallbacks(on_event=events.append),
+    )
+    kinds = [e["type"] for e in events]
+    assert kinds.count("epoch") == 2
+    assert "baseline" in kinds
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == progress[-1]["steps"]
+
+
+def test_trainable_layers_limit_lora_to_the_top_blocks(base):
+    out = Trainer(base).run(
+        dataset(keyword_rows(30)),
+        Hyperparameters(epochs=3, trainable_layers=1, early_stopping=False, **FAST),
+    )
+    if out.weights is not None:
+        assert all(".layer.1." in n for n in out.weights.names)
+    assert out.metrics["trainable_parameters"] == 3 * 2 * 8 * 32  # q,k,v x (A+B) x r x d
+
+
+def test_unknown_target_modules_are_an_error(base):
+    with pytest.raises(ValueError, match="match no Linear layer"):
+        Trainer(base).run(
+            dataset(keyword_rows(20)), Hyperparameters(epochs=1, target_modules=["nope"])
+        )
+
+
+def test_training_leaves_the_base_bit_identical_and_in_eval_mode(base):
+    texts = ["refund please", "login error", "late package"]
+    before = base.embed(texts)
+    params = [p.detach().clone() for p in base.backbone.parameters()]
+    Trainer(base).run(dataset(keyword_rows(20)), Hyperparameters(epochs=2, **FAST))
+    assert torch.equal(base.embed(texts), before)
+    after = list(base.backbone.parameters())  # the wrappers hold the very same tensors
+    assert len(after) == len(params)
+    for p, old in zip(after, params, strict=True):
+        assert torch.equal(p, old)
+        assert not p.requires_grad
+    assert not any(m.training for m in base.backbone.modules())
+
+
+def test_serving_during_training_sees_the_plain_base(base):
+    texts = ["refund please", "login error"]
+    before = base.embed(texts)
+    done = threading.Event()
+    results = []
+
+    def train():
+        Trainer(base).run(dataset(keyword_rows(30)), Hyperparameters(epochs=3, **FAST))
+        done.set()
+
+    t = threading.Thread(target=train)
+    t.start()
+    while not done.is_set():
+        results.append(torch.equal(base.embed(texts), before))
+    t.join()
+    assert results
+    assert all(results)
+
+
+def test_training_yields_to_serving():
+    gate = PriorityGate(max_wait=0.2)
+    assert gate.yield_to_serving() == 0.0
+    with gate.serving():
+        waited = gate.yield_to_serving()
+    assert waited >= 0.15
+    assert gate.waited_seconds >= 0.15
