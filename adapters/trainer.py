@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, field_validator
 
-from loradock.adapters import lora
+from loradock.adapters import layercache, lora
 from loradock.adapters.base import BaseModel
 from loradock.adapters.data import (
     SMALL_DATASET_ROWS,
@@ -41,6 +41,7 @@ from loradock.adapters.scheduling import PriorityGate
 
 log = logging.getLogger(__name__)
 
+CACHE_BUDGET_BYTES = 2 * 1024**3  # most memory the frozen-block cache may take
 StopReason = Literal["early_stopping", "max_epochs", "cancelled", "diverged"]
 
 
@@ -140,6 +141,17 @@ class TrainOutcome:
         return self.baseline if self.winner == "probe" else self.metrics
 
 
+@dataclass
+class Encoded:
+    """Token ids of a set of examples, and (when lower blocks are frozen) their cached states."""
+
+    ids: list[list[int]]
+    cached: list[torch.Tensor] | None = None  # per example: [tokens, hidden], input of block s
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class Diverged(Exception):
     pass
 
@@ -159,6 +171,10 @@ class Trainer:
         self.base = base
         self.gate = gate or PriorityGate()
         self.device = base.device
+        self._cache: dict[str, torch.Tensor] = {}
+        self._skip_start = 0
+        # On CUDA the cache lives in host memory (pinned) and is copied per batch.
+        self._cache_device = torch.device("cpu")
 
     # --- public --------------------------------------------------------------------------------
 
@@ -201,7 +217,7 @@ class Trainer:
                 final_on_all = False
 
             texts = sorted({e.text for tr, va in splits for e in tr + va})
-            embeddings = self._embed_all(texts)
+            embeddings = self._embed_all(texts, hp, report)
             report["timings"] = {"embed_seconds": round(time.perf_counter() - started, 3)}
 
             fold_results = []
@@ -246,9 +262,47 @@ class Trainer:
             return max(2, min(hp.cv_folds, smallest))
         return max(2, min(hp.cv_folds, len(train.examples) // 2))
 
-    def _embed_all(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        pooled = self.base.embed(list(texts), batch_size=64).cpu().clone()
-        return {t: pooled[i] for i, t in enumerate(texts)}
+    def _embed_all(
+        self, texts: Sequence[str], hp: Hyperparameters, report: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Pooled frozen embeddings of every text (for the probe). When LoRA leaves the lower
+        blocks frozen, the same pass also caches what enters the first adapted block."""
+        spec, _ = self._spec(hp)
+        start = min(spec.layers) if spec.layers else 0
+        n_tokens = sum(len(x) for x in self._tokenize_texts(texts))
+        budget_ok = n_tokens * self.base.hidden_size * 4 <= CACHE_BUDGET_BYTES
+        self._cache = {}
+        self._skip_start = 0
+        if (
+            start == 0
+            or not budget_ok
+            or not layercache.install(self.base.backbone, self.base.num_layers)
+        ):
+            if start > 0:
+                report["frozen_block_cache"] = "off: over the memory budget or unknown blocks"
+            pooled = self.base.embed(list(texts), batch_size=64).cpu().clone()
+            return {t: pooled[i] for i, t in enumerate(texts)}
+        out: dict[str, torch.Tensor] = {}
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        blocks = (self.base.backbone, self.base.num_layers, start)
+        with torch.inference_mode(), layercache.capture_input_of(*blocks) as captured:
+            for s in range(0, len(order), 64):
+                idx = order[s : s + 64]
+                batch = self.base.tokenize([texts[i] for i in idx])
+                hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
+                pooled = BaseModel.mean_pool(hidden, batch["attention_mask"]).cpu()
+                lower = captured.pop()
+                lengths = batch["attention_mask"].sum(dim=1).tolist()
+                for j, i in enumerate(idx):
+                    out[texts[i]] = pooled[j].clone()
+                    self._cache[texts[i]] = (
+                        lower[j, : int(lengths[j])].to(self._cache_device).clone()
+                    )
+        self._skip_start = start
+        report["frozen_block_cache"] = (
+            f"blocks 0..{start - 1} computed once per text and cached ({n_tokens} tokens)"
+        )
+        return out
 
     def _targets(self, examples: Sequence[Example], out: TrainOutcome) -> torch.Tensor:
         if out.task == "classification":
@@ -409,7 +463,7 @@ class Trainer:
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         rng = random.Random(hp.seed)
-        va_ids = self._tokenize(va) if va else []
+        va_ids = self._tokenize(va) if va else Encoded(ids=[])
 
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None, "metrics": None}
@@ -527,16 +581,21 @@ class Trainer:
 
     # --- mechanics -----------------------------------------------------------------------------
 
-    def _tokenize(self, examples: Sequence[Example]) -> list[list[int]]:
-        enc = self.base.tokenizer(
-            [e.text for e in examples], truncation=True, max_length=self.base.max_length
-        )
+    def _tokenize_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        enc = self.base.tokenizer(list(texts), truncation=True, max_length=self.base.max_length)
         return [list(x) for x in enc["input_ids"]]
 
-    def _batches(
-        self, ids: list[list[int]], batch_size: int, rng: random.Random
-    ) -> list[list[int]]:
+    def _tokenize(self, examples: Sequence[Example]) -> Encoded:
+        ids = self._tokenize_texts([e.text for e in examples])
+        cached = None
+        if self._skip_start and self._cache:
+            cached = [self._cache[e.text] for e in examples]
+            assert all(len(c) == len(i) for c, i in zip(cached, ids, strict=True))
+        return Encoded(ids=ids, cached=cached)
+
+    def _batches(self, enc: Encoded, batch_size: int, rng: random.Random) -> list[list[int]]:
         """Length-bucketed batches: shuffle, sort within chunks of 50 batches, shuffle batches."""
+        ids = enc.ids
         order = list(range(len(ids)))
         rng.shuffle(order)
         chunk = batch_size * 50
@@ -561,11 +620,18 @@ class Trainer:
         self,
         weights: lora.LoRAWeights,
         head: torch.nn.Module,
-        ids: list[list[int]],
+        enc: Encoded,
         rows: Sequence[int],
     ) -> torch.Tensor:
-        input_ids, mask = self._pad(ids, rows)
-        with lora.active(weights):
+        input_ids, mask = self._pad(enc.ids, rows)
+        skip = None
+        if enc.cached is not None:
+            # [batch, tokens, hidden]: what enters the first adapted block, padded like input_ids
+            lower = torch.zeros(*input_ids.shape, self.base.hidden_size, dtype=self.base.dtype)
+            for r, i in enumerate(rows):
+                lower[r, : len(enc.cached[i])] = enc.cached[i]
+            skip = layercache.Skip(self._skip_start, lower.to(self.device, non_blocking=True))
+        with lora.active(weights), layercache.skipping(skip):
             hidden = self.base.hidden_states(input_ids, mask)
         pooled = BaseModel.mean_pool(hidden, mask)
         return head(pooled)
@@ -581,7 +647,7 @@ class Trainer:
     def _evaluate(self, weights, head, va, va_ids, out) -> dict[str, Any]:
         was_training = weights.training
         weights.eval()
-        order = sorted(range(len(va)), key=lambda i: len(va_ids[i]))
+        order = sorted(range(len(va)), key=lambda i: len(va_ids.ids[i]))
         chunks = []
         for s in range(0, len(order), 64):
             chunks.append(self._forward(weights, head, va_ids, order[s : s + 64]).float().cpu())
