@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fortunes import make_split
 
+from loradock.adapters import trainer as trainer_mod
 from loradock.adapters.artifacts import build_files
 from loradock.adapters.base import BaseModel, default_base_model_path
 from loradock.adapters.data import validate_rows
 from loradock.adapters.evaluation import classification_metrics
-from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer
+from loradock.adapters.trainer import Encoded, Hyperparameters, TrainCallbacks, Trainer
 
 
 def run_loradock(base: BaseModel, train_rows, val_rows, seed: int, extra: dict) -> dict:
@@ -141,6 +142,22 @@ def run_plain(model_dir: Path, train_rows, val_rows, epochs: int, seed: int, tar
     }
 
 
+def padding_report(base: BaseModel, rows: list[dict], batch_size: int) -> None:
+    """Tokens per epoch with loradock's length-bucketed batches vs fixed padding to 128."""
+    import random
+
+    trainer = Trainer(base)
+    enc = trainer._tokenize_texts([r["text"] for r in rows])
+    batches = trainer._batches(Encoded(ids=enc), batch_size, random.Random(0))
+    bucketed = sum(len(b) * max(len(enc[i]) for i in b) for b in batches)
+    fixed = len(enc) * 128
+    real = sum(len(x) for x in enc)
+    print(
+        f"tokens per epoch: real {real}, bucketed batches {bucketed} "
+        f"({bucketed / real:.2f}x real), fixed 128 {fixed} ({fixed / bucketed:.1f}x bucketed)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -150,9 +167,14 @@ def main() -> None:
     p.add_argument(
         "--hp", type=json.loads, default={}, help="hyperparameters as JSON, e.g. '{\"rank\": 4}'"
     )
+    p.add_argument(
+        "--no-cache", action="store_true", help="disable the frozen-block cache (to measure it)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     extra = dict(args.hp)
+    if args.no_cache:
+        trainer_mod.CACHE_BUDGET_BYTES = 0
     model_dir = default_base_model_path()
     base = BaseModel.load(model_dir, device="auto")
     base.warm_up()
@@ -169,6 +191,7 @@ def main() -> None:
         )
         for h in r["history"]:
             print(f"    epoch {h[0]}: train {h[1]:.4f}  val {h[2]:.4f}  F1 {h[3]:.4f}")
+    padding_report(base, make_split(seed=args.seeds[0])[0], extra.get("batch_size", 16))
     runs = list(results["loradock"].values())
     lora_mean = statistics.fmean(r["lora_f1"] for r in runs)
     probe_mean = statistics.fmean(r["probe_f1"] for r in runs)

@@ -75,6 +75,13 @@ def decode_dataset(raw: bytes) -> tuple[Dataset, list[Example] | None, float]:
     return train, val, float(body.get("validation_split", 0.2))
 
 
+def served_metrics(ver: Version) -> dict[str, Any]:
+    """Validation metrics of what a version serves: its LoRA's, or its probe's if that won."""
+    if (ver.report or {}).get("winner") == "probe":
+        return ver.baseline or {}
+    return ver.metrics or {}
+
+
 def better_than(new: dict[str, Any], live: dict[str, Any], task: str) -> bool:
     """Does a new version beat the live one on validation (macro-F1, or loss for regression)?"""
     key = "val_macro_f1" if task == "classification" else "val_loss"
@@ -318,7 +325,7 @@ class JobRunner:
                 self.store.delete(key)
                 return
             ver.status = "ready"
-            ver.metrics = outcome.metrics
+            ver.metrics = {**outcome.metrics, "winner": outcome.winner}
             ver.history = outcome.history
             ver.baseline = outcome.baseline
             ver.report = {
@@ -355,7 +362,7 @@ class JobRunner:
                     Version.adapter_id == adapter.id, Version.version == adapter.live_version
                 )
             )
-            live_metrics = live.metrics if live is not None else {}
+            live_metrics = served_metrics(live) if live is not None else {}
             if better_than(outcome.served_metrics(), live_metrics, adapter.task):
                 promote, reason = True, f"beats live version {adapter.live_version} on validation"
             else:

@@ -59,6 +59,9 @@ def test_sigterm_requeues_the_running_job_and_exits_cleanly(tmp_path, tiny_bert_
             )
             job_id = resp.json()["job"]["id"]
             wait_for(c, job_id, lambda j: j["status"] == "running")
+            for _ in range(5):  # the API keeps answering while a job trains
+                assert c.get("/readyz").status_code == 200
+                assert c.get("/v1/adapters/slow").json()["status"] == "training"
         server.terminate()
         assert server.wait(60) == 0
     finally:

@@ -309,3 +309,42 @@ def test_interrupted_jobs_are_requeued_or_failed_on_start(app_client):
     assert (1, "queued") in statuses
     assert (3, "failed") in statuses
     assert "running" not in [s for _, s in statuses]
+
+
+def test_if_better_promotion_follows_the_validation_comparison(app_client):
+    from loradock.service.jobs import better_than
+
+    wait_job(app_client, create(app_client).json()["job"]["id"])
+    body = {"training_data": keyword_rows(20, seed=3), "hyperparameters": FAST}
+    job = app_client.post("/v1/adapters/tickets/versions", json=body).json()["job"]
+    wait_job(app_client, job["id"])
+    adapter = app_client.get("/v1/adapters/tickets").json()
+    v1, v2 = adapter["versions"]
+
+    def served(v):
+        return v["baseline"] if v["report"]["winner"] == "probe" else v["metrics"]
+
+    expected = better_than(served(v2), served(v1), "classification")
+    promotion = v2["report"]["promotion"]
+    assert promotion["promoted"] is expected
+    assert adapter["live_version"] == (2 if expected else 1)
+    assert "live version 1" in promotion["reason"]
+    assert v2["metrics"]["winner"] == v2["report"]["winner"]
+
+
+@pytest.mark.parametrize(
+    ("new", "live", "task", "expected"),
+    [
+        ({"val_macro_f1": 0.8}, {"val_macro_f1": 0.7}, "classification", True),
+        ({"val_macro_f1": 0.7}, {"val_macro_f1": 0.7}, "classification", False),
+        ({"val_macro_f1": 0.6}, {"val_macro_f1": 0.7}, "classification", False),
+        ({"val_loss": 0.2}, {"val_loss": 0.3}, "regression", True),
+        ({"val_loss": 0.4}, {"val_loss": 0.3}, "regression", False),
+        ({"val_macro_f1": 0.5}, {}, "classification", True),
+        ({}, {"val_macro_f1": 0.5}, "classification", False),
+    ],
+)
+def test_better_than(new, live, task, expected):
+    from loradock.service.jobs import better_than
+
+    assert better_than(new, live, task) is expected
