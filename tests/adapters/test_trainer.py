@@ -234,3 +234,12 @@ def test_training_yields_to_serving():
         waited = gate.yield_to_serving()
     assert waited >= 0.15
     assert gate.waited_seconds >= 0.15
+
+
+def test_validation_every_n_steps_counts_for_early_stopping(base):
+    hp = Hyperparameters(epochs=2, eval_every_steps=2, early_stopping=False, **FAST)
+    out = Trainer(base).run(dataset(keyword_rows(20)), hp)
+    partial = [h for h in out.history if h.get("partial")]
+    steps_per_epoch = 6  # 48 training rows / batch 8
+    assert [h["step"] for h in partial] == list(range(2, 2 * steps_per_epoch + 1, 2))
+    assert len(out.history) == len(partial) + 2  # plus one record per epoch

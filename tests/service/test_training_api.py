@@ -348,3 +348,20 @@ def test_better_than(new, live, task, expected):
     from loradock.service.jobs import better_than
 
     assert better_than(new, live, task) is expected
+
+
+def test_regression_through_the_api(app_client):
+    from tests.datasets import regression_rows
+
+    resp = create(app_client, name="score", task="regression", rows=regression_rows(80),
+                  training_data=regression_rows(80))  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["adapter"]["labels"] == []
+    job = wait_job(app_client, resp.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    version = app_client.get("/v1/adapters/score/versions/1").json()
+    assert {"val_loss", "val_mse", "val_mae", "val_r2"} <= set(version["metrics"])
+    assert_problem(
+        create(app_client, name="bad", task="regression", training_data=keyword_rows(5)),
+        422, "finite number",
+    )  # fmt: skip
