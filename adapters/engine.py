@@ -1,0 +1,124 @@
+"""The inference engine: one forward pass of the base for a batch mixing many adapters.
+
+Protocol-free: the /v1 and /v2 routes both call it, and it knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loradock.adapters import lora
+from loradock.adapters.artifacts import load_adapter
+from loradock.adapters.base import BaseModel
+from loradock.adapters.scheduling import PriorityGate
+from loradock.adapters.slots import AdapterRef, BatchedLoRA, Resident, SlotPool
+from loradock.adapters.store import ArtifactStore
+
+
+@dataclass
+class RowResult:
+    """One input's answer, plus what the monitor needs (pooled embedding, confidence, length)."""
+
+    output: dict[str, Any]
+    pooled: torch.Tensor  # [hidden] float32 on the CPU
+    tokens: int
+
+
+class Engine:
+    """Resolves adapter versions to pool slots (loading them on a miss) and runs mixed batches."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        pool: SlotPool,
+        store: ArtifactStore,
+        gate: PriorityGate | None = None,
+    ) -> None:
+        self.base = base
+        self.pool = pool
+        self.store = store
+        self.gate = gate or PriorityGate()
+        self._loading: dict[AdapterRef, threading.Lock] = {}
+        self._loading_guard = threading.Lock()
+
+    def acquire(self, ref: AdapterRef, key: str) -> Resident:
+        """The resident adapter for `ref`, loaded from the store at `key` on a miss. The caller
+        must `release` it after the batch that uses it."""
+        res = self.pool.get(ref, acquire=True)
+        if res is not None:
+            return res
+        with self._loading_guard:
+            lock = self._loading.setdefault(ref, threading.Lock())
+        with lock:  # one load per adapter even when many requests miss at once
+            res = self.pool.get(ref, acquire=True)
+            if res is not None:
+                return res
+            model = load_adapter(self.store, key, self.base)
+            meta = model.meta
+            res = self.pool.load(
+                ref,
+                model.weights,
+                model.head,
+                task=str(meta["task"]),
+                labels=list(meta.get("labels", [])),
+                target_mean=float(meta.get("target_mean", 0.0)),
+                target_std=float(meta.get("target_std", 1.0)),
+                acquire=True,
+            )
+        with self._loading_guard:
+            self._loading.pop(ref, None)
+        return res
+
+    def release(self, residents: Sequence[Resident]) -> None:
+        self.pool.release([r.slot for r in residents])
+
+    @torch.inference_mode()
+    def run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
+        """Row i of `texts` through adapter residents[i]; all rows in one base forward pass."""
+        if not texts:
+            return []
+        with self.gate.serving():
+            batch = self.base.tokenize(texts)
+            ctx = BatchedLoRA(self.pool, [r.slot for r in residents])
+            with lora.active(ctx):
+                hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
+            pooled = self.base.mean_pool(hidden, batch["attention_mask"])  # [B, hidden] fp32
+            outputs = self._heads(residents, pooled)
+            pooled_cpu = pooled.cpu()
+            lengths = batch["attention_mask"].sum(dim=1).cpu().tolist()
+        return [
+            RowResult(output=outputs[i], pooled=pooled_cpu[i], tokens=int(lengths[i]))
+            for i in range(len(texts))
+        ]
+
+    def _heads(self, residents: Sequence[Resident], pooled: torch.Tensor) -> list[dict[str, Any]]:
+        """Each row through its own adapter's head; rows grouped per adapter (one matmul each)."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(residents):
+            groups.setdefault(id(r), []).append(i)
+        results: list[dict[str, Any]] = [{} for _ in residents]
+        for rows in groups.values():
+            res = residents[rows[0]]
+            idx = torch.tensor(rows, device=pooled.device)
+            x = pooled.index_select(0, idx)
+            out = (x @ res.head.weight.float().t() + res.head.bias.float()).cpu()
+            if res.task == "regression":
+                values = out.squeeze(-1) * res.target_std + res.target_mean
+                for j, i in enumerate(rows):
+                    results[i] = {"value": float(values[j])}
+                continue
+            probs = torch.softmax(out, dim=-1)
+            best = probs.argmax(dim=-1)
+            for j, i in enumerate(rows):
+                k = int(best[j])
+                results[i] = {
+                    "label": res.labels[k],
+                    "score": float(probs[j, k]),
+                    "scores": {lbl: float(probs[j, c]) for c, lbl in enumerate(res.labels)},
+                }
+        return results
