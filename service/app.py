@@ -11,11 +11,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from loradock.service.api import adapters, health, jobs, tenants
+from loradock.service.api import adapters, health, jobs, predict, tenants
+from loradock.service.batcher import MicroBatcher
 from loradock.service.errors import install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
 from loradock.service.middleware import BodySizeLimitMiddleware
 from loradock.service.runtime import Runtime
+from loradock.service.serving import LiveVersions, Serving
 from loradock.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,20 @@ def create_app(
             except Exception as e:
                 if on_fatal is not None:
                     on_fatal(e)
+                return
+            assert runtime.engine is not None
+            assert runtime.db is not None
+            s = runtime.settings
+            batcher = MicroBatcher(
+                runtime.engine,
+                max_batch=s.max_batch_rows,
+                max_wait_ms=s.max_wait_ms,
+                max_queue=s.max_queue_rows,
+            )
+            batcher.start()
+            runtime.serving = Serving(
+                runtime.engine, batcher, LiveVersions(runtime.db, s.live_poll_seconds)
+            )
 
         starting = asyncio.create_task(start(), name="loradock-start")
         app.state.start_task = starting
@@ -53,6 +69,8 @@ def create_app(
             if not starting.done():
                 # The loader thread cannot be interrupted; wait so we never close a DB in use.
                 await asyncio.shield(starting)
+            if runtime.serving is not None:
+                await runtime.serving.batcher.stop()
             runtime.stop()
 
     app = FastAPI(
@@ -68,6 +86,7 @@ def create_app(
     app.include_router(tenants.router)
     app.include_router(adapters.router)
     app.include_router(jobs.router)
+    app.include_router(predict.router)
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -9,12 +9,15 @@ import time
 
 from loradock.adapters.base import BaseModel
 from loradock.adapters.device import dtype_name
+from loradock.adapters.engine import Engine
 from loradock.adapters.scheduling import PriorityGate
+from loradock.adapters.slots import SlotPool
 from loradock.adapters.store import ArtifactStore, open_store
 from loradock.service.db.registry import Database
 from loradock.service.errors import NotReady
 from loradock.service.jobs import JobRunner
 from loradock.service.metrics import Metrics
+from loradock.service.serving import Serving
 from loradock.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ class Runtime:
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None
         self.jobs: JobRunner | None = None
+        self.engine: Engine | None = None
+        self.serving: Serving | None = None  # set by the app once the event loop runs
         self.gate = PriorityGate()  # serving work holds it; training steps yield to it
         self.error: str | None = None
         self._phase = Phase.STARTING
@@ -79,6 +84,16 @@ class Runtime:
             raise NotReady("the server failed to start; see its log", retry_after=30)
         raise NotReady("the server is starting: the base model is loading")
 
+    def serve_targets(self) -> list[str]:
+        assert self.base is not None
+        return list(self.settings.serve_target_modules or self.base.default_target_modules())
+
+    def require_serving(self) -> Serving:
+        self.require_ready()
+        if self.serving is None:
+            raise NotReady("the inference engine is starting")
+        return self.serving
+
     def begin_drain(self) -> None:
         """Fail readiness from now on; in-flight work continues."""
         if self._phase is Phase.READY or self._phase is Phase.STARTING:
@@ -108,6 +123,14 @@ class Runtime:
             load_seconds = time.perf_counter() - t0
             self.base = base
             self._record_base(base, load_seconds)
+            pool = SlotPool(
+                base,
+                self.serve_targets(),
+                max_rank=s.max_lora_rank,
+                capacity=s.max_resident_adapters,
+                cpu_capacity=s.cpu_tier_adapters,
+            )
+            self.engine = Engine(base, pool, self.store, self.gate)
             self.jobs = JobRunner(
                 self.db,
                 self.store,

@@ -79,6 +79,32 @@ class Settings(BaseSettings):
         3, ge=1, le=100, description="Starts of one job before a crash-looping job is failed."
     )
 
+    # --- serving -------------------------------------------------------------------------------
+    max_resident_adapters: int = Field(
+        1024, ge=1, le=1_000_000, description="Adapter slots preallocated on the device (LRU)."
+    )
+    cpu_tier_adapters: int = Field(
+        0, ge=0, description="Evicted adapters kept in host memory (pinned on CUDA) before disk."
+    )
+    max_lora_rank: int = Field(
+        8, ge=1, le=256, description="Largest LoRA rank the slots hold (and training accepts)."
+    )
+    serve_target_modules: list[str] | None = Field(
+        None,
+        description="Linear layers the slots cover (and training may target); default the base "
+        "model's attention projections. JSON list in the environment.",
+    )
+    max_batch_rows: int = Field(32, ge=1, le=4096, description="Rows per forward pass.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="How long a batch waits for more rows to join."
+    )
+    max_queue_rows: int = Field(
+        1024, ge=1, description="Rows waiting for a batch before predict answers 429."
+    )
+    live_poll_seconds: float = Field(
+        1.0, ge=0, le=3600, description="How stale a cached live version may be (other replicas)."
+    )
+
     # --- lifecycle -----------------------------------------------------------------------------
     drain_seconds: float = Field(
         0.0,

@@ -173,7 +173,26 @@ def _dataset_problem(e: DatasetError) -> Unprocessable:
     return Unprocessable(str(e), extra={"errors": [p.as_dict() for p in e.problems]})
 
 
+def _check_servable(runtime: Runtime, body: VersionCreate) -> None:
+    """Refuse to train what the serving slots could not hold."""
+    hp = body.hyperparameters
+    limit = runtime.settings.max_lora_rank
+    if hp.rank > limit:
+        raise Unprocessable(
+            f"hyperparameters.rank: {hp.rank} > max_lora_rank {limit} of this server "
+            "(setting LORADOCK_MAX_LORA_RANK)"
+        )
+    served = runtime.serve_targets()
+    unknown = sorted(set(hp.target_modules or []) - set(served))
+    if unknown:
+        raise Unprocessable(
+            f"hyperparameters.target_modules: {unknown} are not served by this server "
+            f"(serving targets: {served}; setting LORADOCK_SERVE_TARGET_MODULES)"
+        )
+
+
 def _datasets(runtime: Runtime, task: str, body: VersionCreate) -> tuple[Dataset, Dataset | None]:
+    _check_servable(runtime, body)
     s = runtime.settings
     try:
         train = validate_rows(
@@ -332,6 +351,9 @@ def delete_adapter(
     if runtime.jobs is not None:
         for job_id in active:
             runtime.jobs.cancel(job_id)
+    if runtime.serving is not None:  # stops serving at once; its slots free after in-flight use
+        runtime.serving.live.invalidate(adapter_id)
+        runtime.serving.engine.pool.drop(adapter_id)
     assert runtime.store is not None
     runtime.store.delete_prefix(f"{principal.tenant_id}/{adapter_id}")
     return Response(status_code=204)
@@ -386,7 +408,11 @@ def get_version(
 
 @router.post("/adapters/{adapter}/versions/{version}/promote", response_model=AdapterOut)
 def promote_version(
-    adapter: str, version: int, db: DatabaseDep, principal: Principal = TrainDep
+    adapter: str,
+    version: int,
+    runtime: ReadyRuntimeDep,
+    db: DatabaseDep,
+    principal: Principal = TrainDep,
 ) -> AdapterOut:
     """Make `version` live (also how to roll back). In-flight requests finish on the old one."""
     with db.session() as s:
@@ -399,7 +425,11 @@ def promote_version(
         row.status = "ready"
         row.updated_at = now()
         s.flush()
-        return adapter_out(s, row)
+        out = adapter_out(s, row)
+    # committed: from now on every request resolves to the new version
+    if runtime.serving is not None:
+        runtime.serving.live.invalidate(out.id)
+    return out
 
 
 @router.get(

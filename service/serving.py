@@ -1,0 +1,120 @@
+"""What predict routes need: which version is live (cached), the engine and the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from loradock.adapters.engine import Engine, RowResult
+from loradock.adapters.slots import AdapterRef, CapacityError, IncompatibleAdapter
+from loradock.adapters.store import StoreError
+from loradock.service.batcher import MicroBatcher
+from loradock.service.db.models import Adapter, Version
+from loradock.service.db.registry import Database
+from loradock.service.errors import Conflict, LoradockError, NotFound
+
+
+class AdapterUnavailable(LoradockError):
+    status, slug, title = 503, "adapter-unavailable", "Adapter unavailable"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved predict target: one ready version of one adapter of the caller's tenant."""
+
+    adapter_id: str
+    name: str
+    version: int
+    key: str
+    task: str
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.adapter_id, self.version)
+
+
+class LiveVersions:
+    """Resolves `{adapter}` (+ optional version) to a Target, caching the live version.
+
+    A promotion or delete in this process invalidates the entry at once, so a response after a
+    promote's acknowledgement always comes from the new version. Other replicas' changes are seen
+    within `ttl` seconds (the entries expire and the registry is read again).
+    """
+
+    def __init__(self, db: Database, ttl: float = 1.0) -> None:
+        self.db = db
+        self.ttl = ttl
+        self._cache: dict[tuple[str, str], tuple[float, Target]] = {}
+        self._lock = threading.Lock()
+
+    def invalidate(self, adapter_id: str) -> None:
+        with self._lock:
+            for key in [k for k, (_, t) in self._cache.items() if t.adapter_id == adapter_id]:
+                del self._cache[key]
+
+    def resolve(self, tenant_id: str, ref: str, version: int | None) -> Target:
+        if version is None:
+            with self._lock:
+                hit = self._cache.get((tenant_id, ref))
+            if hit is not None and time.monotonic() - hit[0] < self.ttl:
+                return hit[1]
+        target = self._read(tenant_id, ref, version)
+        if version is None:
+            with self._lock:
+                self._cache[(tenant_id, ref)] = (time.monotonic(), target)
+        return target
+
+    def _read(self, tenant_id: str, ref: str, version: int | None) -> Target:
+        column = Adapter.id if ref.startswith("ad_") else Adapter.name
+        with self.db.session() as s:
+            adapter = s.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, column == ref))
+            if adapter is None:
+                raise NotFound(f"adapter {ref!r} not found")
+            number = version if version is not None else adapter.live_version
+            if number is None:
+                if adapter.status == "training":
+                    raise Conflict(
+                        f"adapter {adapter.name!r} is still training: no live version yet"
+                    )
+                raise Conflict(
+                    f"adapter {adapter.name!r} has no live version (status {adapter.status})"
+                )
+            ver = s.scalar(
+                select(Version).where(Version.adapter_id == adapter.id, Version.version == number)
+            )
+            if ver is None:
+                raise NotFound(f"adapter {adapter.name!r} has no version {number}")
+            if ver.status != "ready" or not ver.artifact_key:
+                raise Conflict(f"version {number} of {adapter.name!r} is {ver.status}, not ready")
+            return Target(adapter.id, adapter.name, number, ver.artifact_key, adapter.task)
+
+
+class Serving:
+    """The engine, the batcher and the live-version cache, used by /v1 and /v2 alike."""
+
+    def __init__(self, engine: Engine, batcher: MicroBatcher, live: LiveVersions) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self.live = live
+
+    async def predict(self, target: Target, texts: list[str]) -> list[RowResult]:
+        try:
+            resident = await asyncio.to_thread(self.engine.acquire, target.ref, target.key)
+        except IncompatibleAdapter as e:
+            raise Conflict(
+                f"version {target.version} of {target.name!r} cannot be served: {e}"
+            ) from e
+        except CapacityError as e:
+            raise AdapterUnavailable(str(e), headers={"Retry-After": "1"}) from e
+        except (StoreError, ValueError, KeyError, OSError) as e:
+            raise AdapterUnavailable(
+                f"version {target.version} of {target.name!r} cannot be loaded: {e}"
+            ) from e
+        try:
+            return await self.batcher.submit(resident, texts)
+        finally:
+            self.engine.release([resident])
