@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from loradock.service.api import adapters, health, jobs, predict, tenants
+from loradock.service.api import adapters, health, jobs, oip, predict, tenants
 from loradock.service.batcher import MicroBatcher
 from loradock.service.errors import install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
@@ -87,6 +87,7 @@ def create_app(
     app.include_router(adapters.router)
     app.include_router(jobs.router)
     app.include_router(predict.router)
+    app.include_router(oip.router)
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -98,6 +99,7 @@ def _document_manual_bodies(app: FastAPI) -> None:
     """Routes that parse JSON or multipart themselves reference these schemas in OpenAPI."""
     from fastapi.openapi.utils import get_openapi
 
+    from loradock.service.api.oip import InferRequest
     from loradock.service.api.schemas import AdapterCreate, VersionCreate
 
     def openapi() -> dict[str, Any]:
@@ -106,7 +108,7 @@ def _document_manual_bodies(app: FastAPI) -> None:
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (AdapterCreate, VersionCreate):
+            for model in (AdapterCreate, VersionCreate, InferRequest):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
