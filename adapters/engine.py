@@ -20,6 +20,10 @@ from loradock.adapters.slots import AdapterRef, BatchedLoRA, Resident, SlotPool
 from loradock.adapters.store import ArtifactStore
 
 
+class BatchTooLarge(RuntimeError):
+    """Even one row does not fit in device memory."""
+
+
 @dataclass
 class RowResult:
     """One input's answer, plus what the monitor needs (pooled embedding, confidence, length)."""
@@ -43,6 +47,7 @@ class Engine:
         self.pool = pool
         self.store = store
         self.gate = gate or PriorityGate()
+        self.oom_splits = 0  # batches split after a CUDA out-of-memory error
         self._loading: dict[AdapterRef, threading.Lock] = {}
         self._loading_guard = threading.Lock()
 
@@ -77,11 +82,37 @@ class Engine:
     def release(self, residents: Sequence[Resident]) -> None:
         self.pool.release([r.slot for r in residents])
 
-    @torch.inference_mode()
     def run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
-        """Row i of `texts` through adapter residents[i]; all rows in one base forward pass."""
+        """Row i of `texts` through adapter residents[i]; all rows in one base forward pass.
+
+        A batch that does not fit in GPU memory is split in halves and retried; a single row that
+        does not fit raises BatchTooLarge (the API answers 503 with the reason).
+        """
         if not texts:
             return []
+        try:
+            return self._run(residents, texts)
+        except torch.cuda.OutOfMemoryError as e:
+            if self.base.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(texts) == 1:
+                raise BatchTooLarge(
+                    f"one text of {len(texts[0])} characters does not fit in device memory"
+                ) from e
+            half = len(texts) // 2
+            self.oom_splits += 1
+            return self.run(residents[:half], texts[:half]) + self.run(
+                residents[half:], texts[half:]
+            )
+
+    def warm_up(self) -> None:
+        """A forward pass through the batched LoRA path, so the first request pays no set-up."""
+        with torch.inference_mode(), lora.active(BatchedLoRA(self.pool, [1, 0])):
+            batch = self.base.tokenize(["loradock warm-up", "a second warm-up text"])
+            self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
+
+    @torch.inference_mode()
+    def _run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
         with self.gate.serving():
             batch = self.base.tokenize(texts)
             ctx = BatchedLoRA(self.pool, [r.slot for r in residents])

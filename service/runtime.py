@@ -131,6 +131,7 @@ class Runtime:
                 cpu_capacity=s.cpu_tier_adapters,
             )
             self.engine = Engine(base, pool, self.store, self.gate)
+            self.engine.warm_up()
             self.jobs = JobRunner(
                 self.db,
                 self.store,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from loradock.adapters.engine import Engine, RowResult
+from loradock.adapters.engine import BatchTooLarge, Engine, RowResult
 from loradock.adapters.slots import AdapterRef, CapacityError, IncompatibleAdapter
 from loradock.adapters.store import StoreError
 from loradock.service.batcher import MicroBatcher
@@ -116,5 +116,7 @@ class Serving:
             ) from e
         try:
             return await self.batcher.submit(resident, texts)
+        except BatchTooLarge as e:
+            raise AdapterUnavailable(str(e)) from e
         finally:
             self.engine.release([resident])

@@ -220,3 +220,35 @@ def test_engine_loads_from_the_store_and_matches_single_adapter_predictions(
         assert r.output["score"] == pytest.approx(want["score"], abs=1e-5)
         assert r.pooled.shape == (32,)
         assert r.tokens > 0
+
+
+def test_out_of_memory_batches_are_split_and_retried(tiny_bert_dir, monkeypatch):
+    """Fault injection (a CPU cannot run out of CUDA memory): batches over 2 rows 'do not fit'."""
+    from loradock.adapters.engine import BatchTooLarge
+
+    base = BaseModel.load(tiny_bert_dir, device="cpu")
+    pool = pool_for(base, capacity=2)
+    engine = Engine(base, pool, store=None)
+    res = pool.load(AdapterRef("a", 1), random_weights(base, 4, 8, ("query",), None), head(0),
+                    task="classification", labels=["a", "b", "c"])  # fmt: skip
+    whole = engine.run([res] * 5, TEXTS)
+    real_run = engine._run
+
+    def small_only(residents, texts):
+        if len(texts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_run(residents, texts)
+
+    monkeypatch.setattr(engine, "_run", small_only)
+    split = engine.run([res] * 5, TEXTS)
+    assert engine.oom_splits >= 2
+    assert [r.output["label"] for r in split] == [r.output["label"] for r in whole]
+    for a, b in zip(split, whole, strict=True):
+        assert a.output["score"] == pytest.approx(b.output["score"], abs=1e-5)
+
+    def nothing_fits(residents, texts):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(engine, "_run", nothing_fits)
+    with pytest.raises(BatchTooLarge, match="does not fit"):
+        engine.run([res], TEXTS[:1])
