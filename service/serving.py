@@ -50,9 +50,13 @@ class LiveVersions:
         self.ttl = ttl
         self._cache: dict[tuple[str, str], tuple[float, Target]] = {}
         self._lock = threading.Lock()
+        # Bumped by every invalidation. A lookup that read the registry while an invalidation
+        # happened must not cache what it read: it may be the version just replaced.
+        self._generation = 0
 
     def invalidate(self, adapter_id: str) -> None:
         with self._lock:
+            self._generation += 1
             for key in [k for k, (_, t) in self._cache.items() if t.adapter_id == adapter_id]:
                 del self._cache[key]
 
@@ -60,12 +64,14 @@ class LiveVersions:
         if version is None:
             with self._lock:
                 hit = self._cache.get((tenant_id, ref))
+                generation = self._generation
             if hit is not None and time.monotonic() - hit[0] < self.ttl:
                 return hit[1]
         target = self._read(tenant_id, ref, version)
         if version is None:
             with self._lock:
-                self._cache[(tenant_id, ref)] = (time.monotonic(), target)
+                if self._generation == generation:
+                    self._cache[(tenant_id, ref)] = (time.monotonic(), target)
         return target
 
     def _read(self, tenant_id: str, ref: str, version: int | None) -> Target:

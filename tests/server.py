@@ -70,7 +70,8 @@ class ServerProcess:
 
     def client(self, key: str | None = None, **kw: object) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
+        kw.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, headers=headers, **kw)  # type: ignore[arg-type]
 
     def log(self) -> str:
         try:

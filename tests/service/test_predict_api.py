@@ -168,3 +168,36 @@ def test_training_refuses_what_serving_cannot_hold(app_client):
     assert_problem(
         create(app_client, hyperparameters={"target_modules": ["dense"]}), 422, "not served"
     )
+
+
+def test_a_lookup_racing_a_promotion_never_caches_the_old_version(app_client, monkeypatch):
+    """The registry read of a request in flight during a promotion must not be cached."""
+    trained(app_client)
+    body = {"training_data": keyword_rows(20, seed=7), "hyperparameters": FAST, "promote": "never"}
+    wait_job(
+        app_client, app_client.post("/v1/adapters/tickets/versions", json=body).json()["job"]["id"]
+    )
+    live = app_client.app.state.runtime.serving.live
+    tenant = runtime_tenant(app_client)
+    live.invalidate("warm")  # start from an empty cache entry for "tickets"
+    real_read = live._read
+    read_done, promoted = threading.Event(), threading.Event()
+
+    def slow_read(*args):
+        target = real_read(*args)  # reads version 1 ...
+        read_done.set()
+        promoted.wait(10)  # ... and a promotion commits before it is stored
+        return target
+
+    monkeypatch.setattr(live, "_read", slow_read)
+    seen = {}
+    t = threading.Thread(target=lambda: seen.setdefault("v", live.resolve(tenant, "tickets", None)))
+    t.start()
+    read_done.wait(10)
+    monkeypatch.setattr(live, "_read", real_read)
+    assert app_client.post("/v1/adapters/tickets/versions/2/promote").status_code == 200
+    promoted.set()
+    t.join()
+    assert seen["v"].version == 1  # the racing request itself answered from what it read
+    assert live.resolve(tenant, "tickets", None).version == 2  # but nothing stale was cached
+    assert predict(app_client, "tickets", TEXTS).json()["version"] == 2
