@@ -253,7 +253,12 @@ class BaseModel:
     # --- compute -------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenize with per-batch padding (to the longest text, capped at max_length)."""
+        """Tokenize with per-batch padding (to the longest text, capped at max_length), on the
+        model's device."""
+        return self.to_device(self.tokenize_host(texts))
+
+    def tokenize_host(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Like tokenize, but the tensors stay in host memory (lengths readable without a sync)."""
         enc = self.tokenizer(
             list(texts),
             padding=True,
@@ -261,8 +266,10 @@ class BaseModel:
             max_length=self.max_length,
             return_tensors="pt",
         )
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if self.device.type == "cuda":
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cuda":  # pinned memory: the copy overlaps with work already queued
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return batch
 

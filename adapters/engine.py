@@ -114,42 +114,52 @@ class Engine:
     @torch.inference_mode()
     def _run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
         with self.gate.serving():
-            batch = self.base.tokenize(texts)
+            host = self.base.tokenize_host(texts)
+            lengths = host["attention_mask"].sum(dim=1).tolist()  # known before any device work
+            batch = self.base.to_device(host)
             ctx = BatchedLoRA(self.pool, [r.slot for r in residents])
             with lora.active(ctx):
                 hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
             pooled = self.base.mean_pool(hidden, batch["attention_mask"])  # [B, hidden] fp32
-            outputs = self._heads(residents, pooled)
-            pooled_cpu = pooled.cpu()
-            lengths = batch["attention_mask"].sum(dim=1).cpu().tolist()
+            head_out = self._heads(residents, pooled)  # [B, max outputs] fp32
+            # One device->host copy per batch: pooled embeddings and head outputs together.
+            both = torch.cat([pooled, head_out], dim=1).cpu()
+        hidden_size = pooled.shape[1]
         return [
-            RowResult(output=outputs[i], pooled=pooled_cpu[i], tokens=int(lengths[i]))
+            RowResult(
+                output=self._decode(residents[i], both[i, hidden_size:]),
+                pooled=both[i, :hidden_size],
+                tokens=int(lengths[i]),
+            )
             for i in range(len(texts))
         ]
 
-    def _heads(self, residents: Sequence[Resident], pooled: torch.Tensor) -> list[dict[str, Any]]:
-        """Each row through its own adapter's head; rows grouped per adapter (one matmul each)."""
+    @staticmethod
+    def _heads(residents: Sequence[Resident], pooled: torch.Tensor) -> torch.Tensor:
+        """Each row through its own adapter's head, rows grouped per adapter (one matmul each),
+        all on the device. pooled [B, hidden] -> [B, max outputs] (unused columns zero)."""
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(residents):
             groups.setdefault(id(r), []).append(i)
-        results: list[dict[str, Any]] = [{} for _ in residents]
+        width = max(r.head.weight.shape[0] for r in residents)
+        out = torch.zeros(len(residents), width, device=pooled.device, dtype=torch.float32)
         for rows in groups.values():
             res = residents[rows[0]]
-            idx = torch.tensor(rows, device=pooled.device)
+            idx = torch.tensor(rows).to(pooled.device, non_blocking=True)
             x = pooled.index_select(0, idx)
-            out = (x @ res.head.weight.float().t() + res.head.bias.float()).cpu()
-            if res.task == "regression":
-                values = out.squeeze(-1) * res.target_std + res.target_mean
-                for j, i in enumerate(rows):
-                    results[i] = {"value": float(values[j])}
-                continue
-            probs = torch.softmax(out, dim=-1)
-            best = probs.argmax(dim=-1)
-            for j, i in enumerate(rows):
-                k = int(best[j])
-                results[i] = {
-                    "label": res.labels[k],
-                    "score": float(probs[j, k]),
-                    "scores": {lbl: float(probs[j, c]) for c, lbl in enumerate(res.labels)},
-                }
-        return results
+            logits = x @ res.head.weight.float().t() + res.head.bias.float()
+            out[idx, : logits.shape[1]] = logits
+        return out
+
+    @staticmethod
+    def _decode(res: Resident, row: torch.Tensor) -> dict[str, Any]:
+        """One row's head output (host memory) as a prediction."""
+        if res.task == "regression":
+            return {"value": float(row[0]) * res.target_std + res.target_mean}
+        probs = torch.softmax(row[: len(res.labels)], dim=-1)
+        k = int(probs.argmax())
+        return {
+            "label": res.labels[k],
+            "score": float(probs[k]),
+            "scores": {lbl: float(probs[c]) for c, lbl in enumerate(res.labels)},
+        }

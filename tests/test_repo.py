@@ -27,27 +27,20 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_command in ci
 
 
+def assert_tool_passes(*args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_ruff_lint_and_format_are_clean():
-    for args in (["check", "."], ["format", "--check", "."]):
-        result = subprocess.run(
-            [sys.executable, "-m", "ruff", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+    assert_tool_passes("ruff", "check", ".")
+    assert_tool_passes("ruff", "format", "--check", ".")
 
 
 def test_mypy_is_clean_on_the_packages():
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "adapters", "service"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_tool_passes("mypy", "adapters", "service")
 
 
 def test_every_package_directory_is_installed():
