@@ -23,10 +23,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, field_validator
 
-from loradock.adapters import layercache, lora
+from loradock.adapters import lora
 from loradock.adapters.base import BaseModel
 from loradock.adapters.data import (
     SMALL_DATASET_ROWS,
@@ -35,78 +33,15 @@ from loradock.adapters.data import (
     stratified_folds,
     stratified_split,
 )
+from loradock.adapters.encoding import Encoded, TrainingEncoder
 from loradock.adapters.evaluation import classification_metrics, regression_metrics
+from loradock.adapters.hyperparameters import Hyperparameters
 from loradock.adapters.probe import LinearHead, fit_linear, fit_probe
 from loradock.adapters.scheduling import PriorityGate
 
 log = logging.getLogger(__name__)
 
-CACHE_BUDGET_BYTES = 2 * 1024**3  # most memory the frozen-block cache may take
 StopReason = Literal["early_stopping", "max_epochs", "cancelled", "diverged"]
-
-
-class Hyperparameters(Schema):
-    """Training knobs; every one optional with a default that works on small text datasets."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
-    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha; scale = alpha / rank.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
-    learning_rate: float = Field(
-        3e-3, gt=0, le=10, description="Peak learning rate of the LoRA matrices."
-    )
-    head_learning_rate: float | None = Field(
-        None, gt=0, le=10, description="Peak learning rate of the head; default learning_rate."
-    )
-    epochs: int = Field(
-        20, ge=1, le=1000, description="Most epochs (early stopping may end sooner)."
-    )
-    batch_size: int = Field(16, ge=1, le=1024)
-    patience: int = Field(
-        3, ge=1, le=100, description="Evaluations without improvement before stopping."
-    )
-    min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
-    early_stopping: bool = Field(True, description="Stop on validation loss; off = run all epochs.")
-    weight_decay: float = Field(0.01, ge=0, le=1)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    target_modules: list[str] | None = Field(
-        None,
-        min_length=1,
-        description="Linear layer names to adapt; default attention projections.",
-    )
-    trainable_layers: int | list[int] | None = Field(
-        None,
-        description="Blocks that get LoRA: k = the top k blocks, a list = those block indices, "
-        "null = all. Lower frozen blocks are computed once per text and cached.",
-    )
-    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
-        None, description="'balanced' (inverse class frequency) or a weight per label."
-    )
-    eval_every_steps: int | None = Field(
-        None, ge=1, description="Also validate every N steps (early stopping counts those too)."
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (classification)."
-    )
-    init_head_l2: float = Field(
-        0.05,
-        gt=0,
-        description="L2 strength of the linear probe the LoRA head starts from. The baseline "
-        "probe's own L2 is chosen by cross-validation and fits the training rows closely; "
-        "starting from a more regularized head leaves LoRA something to learn "
-        "(measured in bench/README.md).",
-    )
-    cv_folds: int = Field(5, ge=2, le=10, description="Folds for datasets under 50 rows.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _names(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and any(not s or "." in s or len(s) > 64 for s in v):
-            raise ValueError("target_modules are layer name suffixes like 'query' or 'q_proj'")
-        return v
 
 
 @dataclass
@@ -141,17 +76,6 @@ class TrainOutcome:
         return self.baseline if self.winner == "probe" else self.metrics
 
 
-@dataclass
-class Encoded:
-    """Token ids of a set of examples, and (when lower blocks are frozen) their cached states."""
-
-    ids: list[list[int]]
-    cached: list[torch.Tensor] | None = None  # per example: [tokens, hidden], input of block s
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
 class Diverged(Exception):
     pass
 
@@ -171,10 +95,7 @@ class Trainer:
         self.base = base
         self.gate = gate or PriorityGate()
         self.device = base.device
-        self._cache: dict[str, torch.Tensor] = {}
-        self._skip_start = 0
-        # On CUDA the cache lives in host memory (pinned) and is copied per batch.
-        self._cache_device = torch.device("cpu")
+        self.encoder = TrainingEncoder(base)
 
     # --- public --------------------------------------------------------------------------------
 
@@ -265,44 +186,11 @@ class Trainer:
     def _embed_all(
         self, texts: Sequence[str], hp: Hyperparameters, report: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """Pooled frozen embeddings of every text (for the probe). When LoRA leaves the lower
-        blocks frozen, the same pass also caches what enters the first adapted block."""
+        """Pooled frozen embeddings of every text (for the probe); when LoRA leaves the lower
+        blocks frozen, the same pass caches what enters the first adapted block."""
         spec, _ = self._spec(hp)
         start = min(spec.layers) if spec.layers else 0
-        n_tokens = sum(len(x) for x in self._tokenize_texts(texts))
-        budget_ok = n_tokens * self.base.hidden_size * 4 <= CACHE_BUDGET_BYTES
-        self._cache = {}
-        self._skip_start = 0
-        if (
-            start == 0
-            or not budget_ok
-            or not layercache.install(self.base.backbone, self.base.num_layers)
-        ):
-            if start > 0:
-                report["frozen_block_cache"] = "off: over the memory budget or unknown blocks"
-            pooled = self.base.embed(list(texts), batch_size=64).cpu().clone()
-            return {t: pooled[i] for i, t in enumerate(texts)}
-        out: dict[str, torch.Tensor] = {}
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        blocks = (self.base.backbone, self.base.num_layers, start)
-        with torch.inference_mode(), layercache.capture_input_of(*blocks) as captured:
-            for s in range(0, len(order), 64):
-                idx = order[s : s + 64]
-                batch = self.base.tokenize([texts[i] for i in idx])
-                hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
-                pooled = BaseModel.mean_pool(hidden, batch["attention_mask"]).cpu()
-                lower = captured.pop()
-                lengths = batch["attention_mask"].sum(dim=1).tolist()
-                for j, i in enumerate(idx):
-                    out[texts[i]] = pooled[j].clone()
-                    self._cache[texts[i]] = (
-                        lower[j, : int(lengths[j])].to(self._cache_device).clone()
-                    )
-        self._skip_start = start
-        report["frozen_block_cache"] = (
-            f"blocks 0..{start - 1} computed once per text and cached ({n_tokens} tokens)"
-        )
-        return out
+        return self.encoder.embed(texts, start, report)
 
     def _targets(self, examples: Sequence[Example], out: TrainOutcome) -> torch.Tensor:
         if out.task == "classification":
@@ -442,7 +330,7 @@ class Trainer:
         cw = class_weight.to(self.device) if class_weight is not None else None
 
         epochs = fixed_epochs if fixed_epochs is not None else hp.epochs
-        ids = self._tokenize(tr)
+        ids = self.encoder.encode(tr)
         y_tr = self._targets(tr, out)
         steps_per_epoch = math.ceil(len(tr) / hp.batch_size)
         total_steps = max(1, steps_per_epoch * epochs)
@@ -463,7 +351,7 @@ class Trainer:
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         rng = random.Random(hp.seed)
-        va_ids = self._tokenize(va) if va else Encoded(ids=[])
+        va_ids = self.encoder.encode(va) if va else Encoded(ids=[])
 
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None, "metrics": None}
@@ -482,7 +370,7 @@ class Trainer:
             weights.train()
             t_epoch = time.perf_counter()
             losses = []
-            for batch in self._batches(ids, hp.batch_size, rng):
+            for batch in self.encoder.batches(ids, hp.batch_size, rng):
                 if cb.should_cancel():
                     raise Cancelled()
                 self.gate.yield_to_serving()
@@ -581,63 +469,8 @@ class Trainer:
 
     # --- mechanics -----------------------------------------------------------------------------
 
-    def _tokenize_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        enc = self.base.tokenizer(list(texts), truncation=True, max_length=self.base.max_length)
-        return [list(x) for x in enc["input_ids"]]
-
-    def _tokenize(self, examples: Sequence[Example]) -> Encoded:
-        ids = self._tokenize_texts([e.text for e in examples])
-        cached = None
-        if self._skip_start and self._cache:
-            cached = [self._cache[e.text] for e in examples]
-            assert all(len(c) == len(i) for c, i in zip(cached, ids, strict=True))
-        return Encoded(ids=ids, cached=cached)
-
-    def _batches(self, enc: Encoded, batch_size: int, rng: random.Random) -> list[list[int]]:
-        """Length-bucketed batches: shuffle, sort within chunks of 50 batches, shuffle batches."""
-        ids = enc.ids
-        order = list(range(len(ids)))
-        rng.shuffle(order)
-        chunk = batch_size * 50
-        batches: list[list[int]] = []
-        for start in range(0, len(order), chunk):
-            part = sorted(order[start : start + chunk], key=lambda i: len(ids[i]))
-            batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
-        rng.shuffle(batches)
-        return batches
-
-    def _pad(self, ids: list[list[int]], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids[i]) for i in rows)
-        pad = self.base.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
-            mask[r, : len(ids[i])] = 1
-        return input_ids.to(self.device), mask.to(self.device)
-
-    def _forward(
-        self,
-        weights: lora.LoRAWeights,
-        head: torch.nn.Module,
-        enc: Encoded,
-        rows: Sequence[int],
-    ) -> torch.Tensor:
-        input_ids, mask = self._pad(enc.ids, rows)
-        skip = None
-        if enc.cached is not None:
-            # [batch, tokens, hidden]: what enters the first adapted block, padded like input_ids
-            lower = torch.zeros(*input_ids.shape, self.base.hidden_size, dtype=self.base.dtype)
-            for r, i in enumerate(rows):
-                lower[r, : len(enc.cached[i])] = enc.cached[i]
-            skip = layercache.Skip(self._skip_start, lower.to(self.device, non_blocking=True))
-        with lora.active(weights), layercache.skipping(skip):
-            hidden = self.base.hidden_states(input_ids, mask)
-        pooled = BaseModel.mean_pool(hidden, mask)
-        return head(pooled)
-
     def _step(self, weights, head, ids, y, rows, out, cw) -> torch.Tensor:
-        outputs = self._forward(weights, head, ids, rows)
+        outputs = self.encoder.forward(weights, head, ids, rows)
         target = y[rows].to(self.device)
         if out.task == "classification":
             return F.cross_entropy(outputs, target, weight=cw, label_smoothing=self._smoothing)
@@ -650,7 +483,9 @@ class Trainer:
         order = sorted(range(len(va)), key=lambda i: len(va_ids.ids[i]))
         chunks = []
         for s in range(0, len(order), 64):
-            chunks.append(self._forward(weights, head, va_ids, order[s : s + 64]).float().cpu())
+            chunks.append(
+                self.encoder.forward(weights, head, va_ids, order[s : s + 64]).float().cpu()
+            )
         outputs = torch.empty(len(va), chunks[0].shape[1])
         outputs[torch.tensor(order)] = torch.cat(chunks)
         weights.train(was_training)

@@ -32,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fortunes import make_split
 
-from loradock.adapters import trainer as trainer_mod
+from loradock.adapters import encoding
 from loradock.adapters.artifacts import build_files
 from loradock.adapters.base import BaseModel, default_base_model_path
 from loradock.adapters.data import validate_rows
+from loradock.adapters.encoding import Encoded
 from loradock.adapters.evaluation import classification_metrics
-from loradock.adapters.trainer import Encoded, Hyperparameters, TrainCallbacks, Trainer
+from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer
 
 
 def run_loradock(base: BaseModel, train_rows, val_rows, seed: int, extra: dict) -> dict:
@@ -146,9 +147,9 @@ def padding_report(base: BaseModel, rows: list[dict], batch_size: int) -> None:
     """Tokens per epoch with loradock's length-bucketed batches vs fixed padding to 128."""
     import random
 
-    trainer = Trainer(base)
-    enc = trainer._tokenize_texts([r["text"] for r in rows])
-    batches = trainer._batches(Encoded(ids=enc), batch_size, random.Random(0))
+    encoder = encoding.TrainingEncoder(base)
+    enc = encoder.tokenize_texts([r["text"] for r in rows])
+    batches = encoder.batches(Encoded(ids=enc), batch_size, random.Random(0))
     bucketed = sum(len(b) * max(len(enc[i]) for i in b) for b in batches)
     fixed = len(enc) * 128
     real = sum(len(x) for x in enc)
@@ -174,7 +175,7 @@ def main() -> None:
     args = p.parse_args()
     extra = dict(args.hp)
     if args.no_cache:
-        trainer_mod.CACHE_BUDGET_BYTES = 0
+        encoding.CACHE_BUDGET_BYTES = 0
     model_dir = default_base_model_path()
     base = BaseModel.load(model_dir, device="auto")
     base.warm_up()

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from loradock.adapters import layercache
-from loradock.adapters import trainer as trainer_mod
+from loradock.adapters import encoding, layercache
 from loradock.adapters.base import BaseModel
 from loradock.adapters.data import validate_rows
 from loradock.adapters.trainer import Hyperparameters, Trainer
@@ -52,7 +51,7 @@ def test_trainer_cache_matches_training_without_it(tiny_bert_dir, monkeypatch):
 
     cached = train()
     assert cached.report["frozen_block_cache"].startswith("blocks 0..0 computed once")
-    monkeypatch.setattr(trainer_mod, "CACHE_BUDGET_BYTES", 0)
+    monkeypatch.setattr(encoding, "CACHE_BUDGET_BYTES", 0)
     uncached = train()
     assert uncached.report["frozen_block_cache"].startswith("off")
     for a, b in zip(cached.history, uncached.history, strict=True):

@@ -1,0 +1,72 @@
+"""Training hyperparameters: validated, documented, shown in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, field_validator
+
+
+class Hyperparameters(Schema):
+    """Training knobs; every one optional with a default that works on small text datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha; scale = alpha / rank.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    learning_rate: float = Field(
+        3e-3, gt=0, le=10, description="Peak learning rate of the LoRA matrices."
+    )
+    head_learning_rate: float | None = Field(
+        None, gt=0, le=10, description="Peak learning rate of the head; default learning_rate."
+    )
+    epochs: int = Field(
+        20, ge=1, le=1000, description="Most epochs (early stopping may end sooner)."
+    )
+    batch_size: int = Field(16, ge=1, le=1024)
+    patience: int = Field(
+        3, ge=1, le=100, description="Evaluations without improvement before stopping."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
+    early_stopping: bool = Field(True, description="Stop on validation loss; off = run all epochs.")
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Linear layer names to adapt; default attention projections.",
+    )
+    trainable_layers: int | list[int] | None = Field(
+        None,
+        description="Blocks that get LoRA: k = the top k blocks, a list = those block indices, "
+        "null = all. Lower frozen blocks are computed once per text and cached.",
+    )
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        None, description="'balanced' (inverse class frequency) or a weight per label."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Also validate every N steps (early stopping counts those too)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (classification)."
+    )
+    init_head_l2: float = Field(
+        0.05,
+        gt=0,
+        description="L2 strength of the linear probe the LoRA head starts from. The baseline "
+        "probe's own L2 is chosen by cross-validation and fits the training rows closely; "
+        "starting from a more regularized head leaves LoRA something to learn "
+        "(measured in bench/README.md).",
+    )
+    cv_folds: int = Field(5, ge=2, le=10, description="Folds for datasets under 50 rows.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not s or "." in s or len(s) > 64 for s in v):
+            raise ValueError("target_modules are layer name suffixes like 'query' or 'q_proj'")
+        return v
