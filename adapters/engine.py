@@ -6,7 +6,8 @@ Protocol-free: the /v1 and /v2 routes both call it, and it knows nothing of HTTP
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,10 @@ class Engine:
         pool: SlotPool,
         store: ArtifactStore,
         gate: PriorityGate | None = None,
+        on_load: Callable[[float], None] | None = None,
     ) -> None:
         self.base = base
+        self.on_load = on_load  # called with the seconds each load from the store took
         self.pool = pool
         self.store = store
         self.gate = gate or PriorityGate()
@@ -63,6 +66,7 @@ class Engine:
             res = self.pool.get(ref, acquire=True)
             if res is not None:
                 return res
+            started = time.perf_counter()
             model = load_adapter(self.store, key, self.base)
             meta = model.meta
             res = self.pool.load(
@@ -75,6 +79,8 @@ class Engine:
                 target_std=float(meta.get("target_std", 1.0)),
                 acquire=True,
             )
+            if self.on_load is not None:
+                self.on_load(time.perf_counter() - started)
         with self._loading_guard:
             self._loading.pop(ref, None)
         return res

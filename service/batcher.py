@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from loradock.adapters.engine import Engine, RowResult
 from loradock.adapters.slots import Resident
 from loradock.service.errors import NotReady, TooManyRequests
+from loradock.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -88,6 +91,8 @@ class MicroBatcher:
         future: asyncio.Future[list[RowResult]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(resident, list(texts), future))
         self._queued_rows += len(texts)
+        if self.metrics is not None:
+            self.metrics.queue_rows.set(self._queued_rows)
         self._wakeup.set()
         return await future
 
@@ -128,6 +133,8 @@ class MicroBatcher:
             taken.append(self._queue.popleft())
             rows += len(nxt.texts)
             self._queued_rows -= len(nxt.texts)
+        if self.metrics is not None:
+            self.metrics.queue_rows.set(self._queued_rows)
         return taken
 
     async def _execute(self, taken: list[_Pending]) -> None:
@@ -135,6 +142,8 @@ class MicroBatcher:
         rows = [(p, i) for p in taken for i in range(len(p.texts))]
         for p in taken:
             self.stats.queue_seconds += now - p.enqueued
+            if self.metrics is not None:
+                self.metrics.queue_seconds.observe(now - p.enqueued)
         # Bucket by length: sorted rows, cut where the text length more than doubles.
         rows.sort(key=lambda r: len(r[0].texts[r[1]]))
         buckets: list[list[tuple[_Pending, int]]] = [[]]
@@ -153,7 +162,11 @@ class MicroBatcher:
         for bucket in buckets:
             residents = [p.resident for p, _ in bucket]
             texts = [p.texts[i] for p, i in bucket]
+            started = time.perf_counter()
             out = await asyncio.to_thread(self.engine.run, residents, texts)
+            if self.metrics is not None:
+                self.metrics.inference_seconds.observe(time.perf_counter() - started)
+                self.metrics.batch_rows.observe(len(bucket))
             for (p, i), r in zip(bucket, out, strict=True):
                 results[id(p)][i] = r
             self.stats.batches += 1

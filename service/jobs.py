@@ -8,6 +8,7 @@ a crash: they are re-queued, or failed once they have used up their attempts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from loradock.adapters.store import ArtifactStore, StoreError, artifact_key
 from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer, TrainOutcome
 from loradock.service.db.models import Adapter, Job, Version, utcnow
 from loradock.service.db.registry import Database
+from loradock.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,9 @@ class JobRunner:
         max_attempts: int = 3,
         gate: PriorityGate | None = None,
         on_finished: Callable[[str, str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.db = db
         self.store = store
         self.base = base
@@ -237,14 +241,18 @@ class JobRunner:
             "job %s: training %s v%d on %d rows", job_id, adapter_id, version, len(train.examples)
         )
 
-        progress = _ProgressWriter(self.db, job_id)
+        progress = _ProgressWriter(self.db, job_id, self.metrics)
+        started = time.perf_counter()
         callbacks = TrainCallbacks(
             on_event=progress.on_event, should_cancel=lambda: self._cancelled(job_id, progress)
         )
-        outcome = Trainer(self.base, self.gate).run(
-            train, hp, validation=validation, validation_split=split, callbacks=callbacks
-        )
-        progress.flush()
+        try:
+            outcome = Trainer(self.base, self.gate).run(
+                train, hp, validation=validation, validation_split=split, callbacks=callbacks
+            )
+        finally:
+            progress.close()
+        self._record(outcome, time.perf_counter() - started)
 
         if outcome.status == "cancelled" and self._stop.is_set():
             with self.db.session() as s:  # interrupted by shutdown: run it again next start
@@ -265,6 +273,14 @@ class JobRunner:
                     finish_failed(s, job, outcome.error or "training failed", outcome)
         if self.on_finished is not None:
             self.on_finished(job_id, outcome.status)
+
+    def _record(self, outcome: TrainOutcome, seconds: float) -> None:
+        if self.metrics is None or (outcome.status == "cancelled" and self._stop.is_set()):
+            return  # a shutdown hands the job back: it has not ended
+        self.metrics.jobs_finished.labels(outcome.status).inc()
+        if outcome.stop_reason:
+            self.metrics.stops.labels(outcome.stop_reason).inc()
+        self.metrics.training_seconds.observe(seconds)
 
     def _cancelled(self, job_id: str, progress: _ProgressWriter) -> bool:
         with self._lock:
@@ -402,9 +418,12 @@ def _close_version(s: Any, job: Job, status: str) -> None:
 class _ProgressWriter:
     """Writes job progress to the registry: every epoch at once, step progress at most 2x/second."""
 
-    def __init__(self, db: Database, job_id: str, interval: float = 0.5) -> None:
+    def __init__(
+        self, db: Database, job_id: str, metrics: Metrics | None = None, interval: float = 0.5
+    ) -> None:
         self.db = db
         self.job_id = job_id
+        self.metrics = metrics
         self.interval = interval
         self.progress: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
@@ -415,6 +434,7 @@ class _ProgressWriter:
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
+        self._observe(kind, event)
         if kind == "progress":
             self.progress.update(
                 {k: event[k] for k in ("epoch", "epochs", "step", "steps") if k in event}
@@ -438,6 +458,27 @@ class _ProgressWriter:
             self.progress["folds"] = event["folds"]
             self.history = []  # each fold restarts the epoch history
             self._dirty = True
+
+    def _observe(self, kind: Any, event: dict[str, Any]) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        if kind == "progress":
+            m.training_steps.inc()
+            if event.get("loss") is not None:
+                m.training_loss.labels(self.job_id, "train").set(event["loss"])
+        elif kind == "epoch":
+            m.training_epochs.inc()
+            if event.get("val_loss") is not None:
+                m.training_loss.labels(self.job_id, "validation").set(event["val_loss"])
+
+    def close(self) -> None:
+        """Write what is pending and drop this job's per-job series."""
+        self.flush()
+        if self.metrics is not None:
+            for split in ("train", "validation"):
+                with contextlib.suppress(KeyError):
+                    self.metrics.training_loss.remove(self.job_id, split)
 
     def flush(self) -> None:
         if not self._dirty:

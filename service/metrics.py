@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
+from typing import Any
 
 import torch
 import transformers
@@ -22,6 +24,13 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TRAINING_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+# Why a predict request failed, from its status: a bounded label set.
+FAILURE_REASONS = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    409: "conflict", 413: "too_large", 422: "invalid", 429: "overloaded", 503: "unavailable",
+}  # fmt: skip
 
 
 class Metrics:
@@ -79,6 +88,89 @@ class Metrics:
             registry=r,
         )
 
+        # --- serving (no adapter label on any of these) --------------------------------------
+        self.predict_requests = Counter(
+            "loradock_predict_requests",
+            "Predict requests answered, by protocol (v1 or v2).",
+            ["protocol"],
+            registry=r,
+        )
+        self.predict_failures = Counter(
+            "loradock_predict_failures",
+            "Predict requests that failed, by protocol and reason.",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.predict_rows = Counter(
+            "loradock_predict_rows", "Texts predicted (rows), all adapters.", registry=r
+        )
+        self.predict_seconds = Histogram(
+            "loradock_predict_duration_seconds",
+            "Predict request latency: resolve, queue, inference, response.",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "loradock_queue_wait_seconds",
+            "Time a predict request waited in the micro-batcher before its batch ran.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "loradock_batch_rows", "Rows per forward pass.", buckets=ROW_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "loradock_inference_duration_seconds",
+            "Time of one batched forward pass (tokenize, forward, heads).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_rows = Gauge(
+            "loradock_queue_rows", "Rows waiting in the micro-batcher.", registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "loradock_adapter_load_duration_seconds",
+            "Time to make a stored adapter servable (read, verify, copy into a slot).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        # --- training ------------------------------------------------------------------------
+        self.training_epochs = Counter(
+            "loradock_training_epochs", "Training epochs completed, all jobs.", registry=r
+        )
+        self.training_steps = Counter(
+            "loradock_training_steps", "Optimizer steps taken, all jobs.", registry=r
+        )
+        self.training_loss = Gauge(
+            "loradock_training_job_loss",
+            "Last training and validation loss of each running job (removed when it ends).",
+            ["job", "split"],
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "loradock_training_jobs_finished",
+            "Training jobs that ended, by final status.",
+            ["status"],
+            registry=r,
+        )
+        self.stops = Counter(
+            "loradock_training_stops",
+            "Why training stopped: early_stopping, max_epochs, cancelled, diverged.",
+            ["reason"],
+            registry=r,
+        )
+        self.training_seconds = Histogram(
+            "loradock_training_duration_seconds",
+            "Wall time of finished training jobs.",
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+
+    def failure_reason(self, status: int) -> str:
+        return FAILURE_REASONS.get(status, "internal" if status >= 500 else "other")
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -115,3 +207,52 @@ class HTTPMetricsMiddleware:
             self.metrics.http_request_seconds.labels(template, method).observe(
                 time.perf_counter() - start
             )
+
+
+class StateCollector:
+    """Metrics read at scrape time from live state (nothing on the request path):
+    adapters resident per tier, adapter cache counters, and jobs per state in the registry."""
+
+    def __init__(self, pool: Any, db: Any) -> None:
+        self.pool = pool
+        self.db = db
+
+    def describe(self) -> list[Any]:
+        return []  # registered without auto-describe: collected only at scrape time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from sqlalchemy import func, select
+
+        from loradock.service.db.models import Job
+
+        resident = GaugeMetricFamily(
+            "loradock_adapters_resident", "Adapters resident, by tier.", labels=["tier"]
+        )
+        resident.add_metric(["device"], self.pool.resident())
+        resident.add_metric(["cpu"], self.pool.cpu_resident())
+        yield resident
+        yield GaugeMetricFamily(
+            "loradock_adapter_slots", "Adapter slots preallocated on the device.",
+            value=self.pool.capacity,
+        )  # fmt: skip
+        for name, value, doc in (
+            ("hits", self.pool.hits, "Lookups of an adapter that was resident."),
+            ("misses", self.pool.misses, "Lookups that had to load from the store."),
+            ("evictions", self.pool.evictions, "Adapters evicted from a device slot."),
+            ("loads", self.pool.loads, "Adapters loaded into the pool."),
+        ):
+            yield CounterMetricFamily(f"loradock_adapter_cache_{name}", doc, value=value)
+        jobs = GaugeMetricFamily(
+            "loradock_training_jobs", "Training jobs in the registry, by state.", labels=["state"]
+        )
+        counts = {s: 0 for s in ("queued", "running", "succeeded", "failed", "cancelled")}
+        try:
+            with self.db.session() as s:
+                for state, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
+                    counts[state] = n
+        except Exception:  # a scrape must never fail because the registry is busy
+            return
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs

@@ -6,6 +6,8 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from loradock.adapters.base import BaseModel
 from loradock.adapters.device import dtype_name
@@ -14,9 +16,9 @@ from loradock.adapters.scheduling import PriorityGate
 from loradock.adapters.slots import SlotPool
 from loradock.adapters.store import ArtifactStore, open_store
 from loradock.service.db.registry import Database
-from loradock.service.errors import NotReady
+from loradock.service.errors import LoradockError, NotReady
 from loradock.service.jobs import JobRunner
-from loradock.service.metrics import Metrics
+from loradock.service.metrics import Metrics, StateCollector
 from loradock.service.serving import Serving
 from loradock.service.settings import Settings
 
@@ -94,6 +96,23 @@ class Runtime:
             raise NotReady("the inference engine is starting")
         return self.serving
 
+    @contextmanager
+    def metrics_for(self, protocol: str, rows: int) -> Iterator[None]:
+        """Count and time one predict request; failures by a bounded reason."""
+        m = self.metrics
+        started = time.perf_counter()
+        try:
+            yield
+        except LoradockError as e:
+            m.predict_failures.labels(protocol, m.failure_reason(e.status)).inc()
+            raise
+        except Exception:
+            m.predict_failures.labels(protocol, "internal").inc()
+            raise
+        m.predict_requests.labels(protocol).inc()
+        m.predict_rows.inc(rows)
+        m.predict_seconds.labels(protocol).observe(time.perf_counter() - started)
+
     def begin_drain(self) -> None:
         """Fail readiness from now on; in-flight work continues."""
         if self._phase is Phase.READY or self._phase is Phase.STARTING:
@@ -130,8 +149,12 @@ class Runtime:
                 capacity=s.max_resident_adapters,
                 cpu_capacity=s.cpu_tier_adapters,
             )
-            self.engine = Engine(base, pool, self.store, self.gate)
+            self.engine = Engine(
+                base, pool, self.store, self.gate,
+                on_load=self.metrics.adapter_load_seconds.observe,
+            )  # fmt: skip
             self.engine.warm_up()
+            self.metrics.registry.register(StateCollector(pool, self.db))
             self.jobs = JobRunner(
                 self.db,
                 self.store,
@@ -139,6 +162,7 @@ class Runtime:
                 workers=s.job_workers,
                 max_attempts=s.job_max_attempts,
                 gate=self.gate,
+                metrics=self.metrics,
             )
             self.jobs.recover()
             self.jobs.start()

@@ -148,13 +148,14 @@ def _texts(req: InferRequest) -> list[str]:
 async def _infer(
     model: str, ver: int | None, req: InferRequest, runtime: ReadyRuntimeDep, principal: Principal
 ) -> dict[str, Any]:
-    texts = _texts(req)
-    try:
-        check_inputs(runtime, texts)
-    except LoradockError as e:
-        raise BadRequest(e.detail) from e
-    serving, target = await _resolve(runtime, principal, model, ver)
-    results = await serving.predict(target, texts)
+    with runtime.metrics_for("v2", len(req.inputs[0].data) if req.inputs else 0):
+        texts = _texts(req)
+        try:
+            check_inputs(runtime, texts)
+        except LoradockError as e:
+            raise BadRequest(e.detail) from e
+        serving, target = await _resolve(runtime, principal, model, ver)
+        results = await serving.predict(target, texts)
     n = len(results)
     if target.task == "regression":
         outputs = [

@@ -52,12 +52,13 @@ async def predict(
 ) -> PredictResponse:
     """Rows come back in input order. Texts longer than the model's token limit are truncated and
     flagged (`truncated: true`)."""
-    check_inputs(runtime, body.inputs)
-    serving = runtime.require_serving()
-    target = await asyncio.to_thread(
-        serving.live.resolve, principal.tenant_id, adapter, body.version
-    )
-    results = await serving.predict(target, body.inputs)
+    with runtime.metrics_for("v1", len(body.inputs)):
+        check_inputs(runtime, body.inputs)
+        serving = runtime.require_serving()
+        target = await asyncio.to_thread(
+            serving.live.resolve, principal.tenant_id, adapter, body.version
+        )
+        results = await serving.predict(target, body.inputs)
     limit = runtime.base.max_length if runtime.base is not None else 0
     predictions = []
     for r in results:
