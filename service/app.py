@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from loradock.service.api import adapters, health, jobs, oip, predict, tenants
+from loradock.service.api import adapters, health, jobs, monitoring, oip, predict, tenants
 from loradock.service.batcher import MicroBatcher
 from loradock.service.errors import install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
@@ -58,7 +58,10 @@ def create_app(
             )
             batcher.start()
             runtime.serving = Serving(
-                runtime.engine, batcher, LiveVersions(runtime.db, s.live_poll_seconds)
+                runtime.engine,
+                batcher,
+                LiveVersions(runtime.db, s.live_poll_seconds),
+                runtime.monitor,
             )
 
         starting = asyncio.create_task(start(), name="loradock-start")
@@ -89,6 +92,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(predict.router)
     app.include_router(oip.router)
+    app.include_router(monitoring.router)
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

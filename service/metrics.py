@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Iterator
@@ -167,6 +168,83 @@ class Metrics:
             buckets=TRAINING_BUCKETS,
             registry=r,
         )
+
+        # --- per adapter (label `adapter` = adapter id; capped, beyond it aggregates only) -----
+        self.max_adapter_series = 1000
+        self._adapter_series: set[str] = set()
+        self._drifting: set[str] = set()
+        self.adapter_rows = Counter(
+            "loradock_adapter_requests",
+            "Rows predicted per adapter (for the first max_adapter_series adapters).",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_drift_score = Gauge(
+            "loradock_adapter_drift_score",
+            "Last drift score per adapter and signal: PSI (predicted_label, confidence, "
+            "input_length, predicted_value) or MMD^2 (embedding).",
+            ["adapter", "signal"],
+            registry=r,
+        )
+        self.adapter_drift_p_value = Gauge(
+            "loradock_adapter_embedding_drift_p_value",
+            "Permutation p-value of the embedding MMD test (small = drifted).",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_drifting = Gauge(
+            "loradock_adapter_drifting",
+            "1 when the adapter's last drift check found a drifted signal.",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapters_drifting = Gauge(
+            "loradock_adapters_drifting",
+            "Adapters whose last drift check found drift (all adapters, uncapped).",
+            registry=r,
+        )
+
+    def _has_series(self, adapter_id: str) -> bool:
+        if adapter_id in self._adapter_series:
+            return True
+        if len(self._adapter_series) >= self.max_adapter_series:
+            return False
+        self._adapter_series.add(adapter_id)
+        return True
+
+    def adapter_requests(self, adapter_id: str, name: str, rows: int) -> None:
+        if self._has_series(adapter_id):
+            self.adapter_rows.labels(adapter_id).inc(rows)
+
+    def adapter_drift(
+        self, adapter_id: str, name: str, signals: dict[str, dict[str, Any]], drifting: bool
+    ) -> None:
+        (self._drifting.add if drifting else self._drifting.discard)(adapter_id)
+        self.adapters_drifting.set(len(self._drifting))
+        if not self._has_series(adapter_id):
+            return
+        for signal, values in signals.items():
+            score = values.get("psi", values.get("mmd2"))
+            if score is not None:
+                self.adapter_drift_score.labels(adapter_id, signal).set(score)
+        if "embedding" in signals:
+            self.adapter_drift_p_value.labels(adapter_id).set(signals["embedding"]["p_value"])
+        self.adapter_drifting.labels(adapter_id).set(1 if drifting else 0)
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        """A deleted adapter's series go away (and free a place under the cap)."""
+        self._drifting.discard(adapter_id)
+        self.adapters_drifting.set(len(self._drifting))
+        if adapter_id not in self._adapter_series:
+            return
+        self._adapter_series.discard(adapter_id)
+        for gauge in (self.adapter_rows, self.adapter_drift_p_value, self.adapter_drifting):
+            with contextlib.suppress(KeyError):
+                gauge.remove(adapter_id)
+        for signal in ("predicted_label", "confidence", "input_length", "predicted_value",
+                       "embedding"):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                self.adapter_drift_score.remove(adapter_id, signal)
 
     def failure_reason(self, status: int) -> str:
         return FAILURE_REASONS.get(status, "internal" if status >= 500 else "other")

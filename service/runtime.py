@@ -19,6 +19,7 @@ from loradock.service.db.registry import Database
 from loradock.service.errors import LoradockError, NotReady
 from loradock.service.jobs import JobRunner
 from loradock.service.metrics import Metrics, StateCollector
+from loradock.service.monitor import Monitor
 from loradock.service.serving import Serving
 from loradock.service.settings import Settings
 
@@ -43,6 +44,8 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.metrics.max_adapter_series = settings.max_adapter_series
+        self.monitor: Monitor | None = None
         self.db: Database | None = None
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None
@@ -154,6 +157,8 @@ class Runtime:
                 on_load=self.metrics.adapter_load_seconds.observe,
             )  # fmt: skip
             self.engine.warm_up()
+            self.monitor = Monitor(self.store, s, self.metrics)
+            self.monitor.start()
             self.metrics.registry.register(StateCollector(pool, self.db))
             self.jobs = JobRunner(
                 self.db,
@@ -199,6 +204,8 @@ class Runtime:
             self._set_phase(Phase.STOPPED)
         if self.jobs is not None:
             self.jobs.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
         if self.db is not None:
             self.db.close()
         log.info("stopped")

@@ -16,6 +16,7 @@ from loradock.service.batcher import MicroBatcher
 from loradock.service.db.models import Adapter, Version
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict, LoradockError, NotFound
+from loradock.service.monitor import Monitor
 
 
 class AdapterUnavailable(LoradockError):
@@ -102,12 +103,30 @@ class LiveVersions:
 class Serving:
     """The engine, the batcher and the live-version cache, used by /v1 and /v2 alike."""
 
-    def __init__(self, engine: Engine, batcher: MicroBatcher, live: LiveVersions) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        batcher: MicroBatcher,
+        live: LiveVersions,
+        monitor: Monitor | None = None,
+    ) -> None:
         self.engine = engine
         self.batcher = batcher
         self.live = live
+        self.monitor = monitor
 
-    async def predict(self, target: Target, texts: list[str]) -> list[RowResult]:
+    async def predict(
+        self, target: Target, texts: list[str], *, observe: bool = True
+    ) -> list[RowResult]:
+        """Rows through the target's adapter; answered rows go to the drift monitor."""
+        results = await self._predict(target, texts)
+        if observe and self.monitor is not None:
+            self.monitor.observe(
+                target.adapter_id, target.name, target.version, target.key, results
+            )
+        return results
+
+    async def _predict(self, target: Target, texts: list[str]) -> list[RowResult]:
         try:
             resident = await asyncio.to_thread(self.engine.acquire, target.ref, target.key)
         except IncompatibleAdapter as e:

@@ -105,6 +105,26 @@ class Settings(BaseSettings):
         1.0, ge=0, le=3600, description="How stale a cached live version may be (other replicas)."
     )
 
+    # --- monitoring ----------------------------------------------------------------------------
+    drift_window: int = Field(
+        500, ge=10, le=100_000, description="Recent predictions per adapter compared for drift."
+    )
+    drift_min_count: int = Field(
+        50, ge=5, description="Predictions an adapter needs in its window before drift is scored."
+    )
+    drift_check_every: int = Field(
+        50, ge=1, description="New predictions between two drift computations of an adapter."
+    )
+    drift_psi_threshold: float = Field(
+        0.2, gt=0, description="PSI above which a signal counts as drifted."
+    )
+    drift_p_value: float = Field(
+        0.05, gt=0, lt=1, description="Embedding MMD permutation p-value below which it drifted."
+    )
+    max_adapter_series: int = Field(
+        1000, ge=0, description="Adapters with their own metric series; beyond, aggregates only."
+    )
+
     # --- lifecycle -----------------------------------------------------------------------------
     drain_seconds: float = Field(
         0.0,

@@ -354,6 +354,8 @@ def delete_adapter(
     if runtime.serving is not None:  # stops serving at once; its slots free after in-flight use
         runtime.serving.live.invalidate(adapter_id)
         runtime.serving.engine.pool.drop(adapter_id)
+    if runtime.monitor is not None:
+        runtime.monitor.forget(adapter_id)
     assert runtime.store is not None
     runtime.store.delete_prefix(f"{principal.tenant_id}/{adapter_id}")
     return Response(status_code=204)

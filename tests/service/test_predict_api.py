@@ -13,9 +13,9 @@ from tests.service.test_training_api import FAST, create, wait_job
 TEXTS = ["refund for my card charge", "login password error", "late package tracking", "hello"]
 
 
-def trained(client, name="tickets", seed=0, **extra):
-    resp = create(client, name=name, rows=keyword_rows(20, seed=seed),
-                  training_data=keyword_rows(20, seed=seed), **extra)  # fmt: skip
+def trained(client, name="tickets", seed=0, rows_per_class=20, **extra):
+    rows = keyword_rows(rows_per_class, seed=seed)
+    resp = create(client, name=name, rows=rows, training_data=rows, **extra)
     assert resp.status_code == 202, resp.text
     job = wait_job(client, resp.json()["job"]["id"])
     assert job["status"] == "succeeded", job

@@ -1,0 +1,197 @@
+"""Feedback (true labels -> live accuracy) and the per-adapter monitoring report."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import case, func, select
+
+from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, now, require
+from loradock.service.api.lookup import find_adapter
+from loradock.service.api.predict import check_inputs
+from loradock.service.db.models import Feedback, Version
+from loradock.service.errors import Unprocessable
+
+router = APIRouter(prefix="/v1", tags=["monitoring"])
+ReadDep = Depends(require("predict"))
+GAP_RATIO = 0.5  # generalization gap above half the validation loss counts as large
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    label: str | float
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[FeedbackItem] = Field(min_length=1)
+
+
+@router.post("/adapters/{adapter}/feedback", status_code=202)
+async def feedback(
+    adapter: str,
+    body: FeedbackRequest,
+    runtime: ReadyRuntimeDep,
+    db: DatabaseDep,
+    principal: Principal = ReadDep,
+) -> dict[str, Any]:
+    """True labels for texts: each is predicted by the live version and stored, so the report can
+    show accuracy on live traffic next to validation accuracy."""
+    texts = [i.text for i in body.items]
+    check_inputs(runtime, texts)
+    serving = runtime.require_serving()
+    target = await asyncio.to_thread(serving.live.resolve, principal.tenant_id, adapter, None)
+    if target.task == "classification":
+        with db.session() as s:
+            known = set(find_adapter(s, principal.tenant_id, adapter).labels or [])
+        for n, item in enumerate(body.items):
+            if str(item.label) not in known:
+                raise Unprocessable(
+                    f"items[{n}].label {item.label!r} is not a label of {target.name!r}"
+                )
+    results = await serving.predict(target, texts, observe=False)
+
+    def store() -> None:
+        with db.session() as s:
+            for item, r in zip(body.items, results, strict=True):
+                predicted = r.output.get("label", r.output.get("value"))
+                s.add(
+                    Feedback(
+                        adapter_id=target.adapter_id,
+                        version=target.version,
+                        text=item.text,
+                        label=str(item.label),
+                        predicted=str(predicted),
+                        created_at=now(),
+                    )
+                )
+
+    await asyncio.to_thread(store)
+    return {"accepted": len(results), "version": target.version}
+
+
+def _live_accuracy(db: Any, adapter_id: str, version: int | None, val_acc: float | None) -> dict:
+    with db.session() as s:
+        total, correct = s.execute(
+            select(
+                func.count(Feedback.id),
+                func.sum(case((Feedback.label == Feedback.predicted, 1), else_=0)),
+            ).where(Feedback.adapter_id == adapter_id, Feedback.version == version)
+        ).one()
+    if not total:
+        return {"items": 0}
+    accuracy = (correct or 0) / total
+    out: dict[str, Any] = {"items": total, "accuracy": round(accuracy, 4)}
+    if val_acc is not None:
+        out["validation_accuracy"] = val_acc
+        out["gap"] = round(val_acc - accuracy, 4)
+    return out
+
+
+def _overfitting(ver: Version | None) -> tuple[dict[str, Any], list[str]]:
+    if ver is None:
+        return {"verdict": "no live version"}, []
+    m = ver.metrics or {}
+    flags = []
+    best, run = m.get("best_epoch"), m.get("epochs_run")
+    if m.get("stop_reason") == "early_stopping" and best is not None and run is not None:
+        flags.append(f"validation loss rose after epoch {best}; stopped at {run}, restored {best}")
+    gap, val = m.get("generalization_gap"), m.get("val_loss")
+    verdict = "ok"
+    if gap is not None and val and gap > GAP_RATIO * val:
+        verdict = "large generalization gap"
+        flags.append(
+            f"generalization gap {gap:.3f} (validation loss {val:.3f} vs training "
+            f"{m.get('train_loss', 0):.3f} at the best epoch): the adapter fits its training "
+            "data much better than unseen data"
+        )
+    report = ver.report or {}
+    if report.get("winner") == "probe":
+        flags.append("LoRA did not beat the linear probe on validation: serving the probe alone")
+    return {
+        "verdict": verdict,
+        "generalization_gap": gap,
+        "best_epoch": best,
+        "epochs_run": run,
+        "stop_reason": m.get("stop_reason"),
+        "winner": report.get("winner"),
+        "winner_reason": report.get("winner_reason"),
+    }, flags
+
+
+def _drift_flags(drift: dict[str, Any]) -> list[str]:
+    flags = []
+    signals = drift.get("signals", {})
+    for name in drift.get("drifted_signals", []):
+        sig = signals.get(name, {})
+        if name == "predicted_label":
+            ref, cur = sig["reference"], sig["current"]
+            label = max(ref, key=lambda k: abs(cur[k] - ref[k]))
+            flags.append(
+                f"predictions drifted: {label!r} {ref[label]:.0%} -> {cur[label]:.0%} "
+                f"(PSI {sig['psi']:.2f})"
+            )
+        elif name == "embedding":
+            flags.append(
+                f"inputs drifted: embedding MMD test p = {sig['p_value']:.3f} "
+                f"(the live texts are unlike the validation texts)"
+            )
+        else:
+            flags.append(f"{name.replace('_', ' ')} drifted (PSI {sig.get('psi', 0):.2f})")
+    return flags
+
+
+@router.get("/adapters/{adapter}/monitoring")
+async def monitoring(
+    adapter: str, runtime: ReadyRuntimeDep, db: DatabaseDep, principal: Principal = ReadDep
+) -> dict[str, Any]:
+    """Training history, overfitting verdict, drift per signal, live accuracy, plain flags."""
+    with db.session() as s:
+        row = find_adapter(s, principal.tenant_id, adapter)
+        ver = None
+        if row.live_version is not None:
+            ver = s.scalar(
+                select(Version).where(
+                    Version.adapter_id == row.id, Version.version == row.live_version
+                )
+            )
+        adapter_id, name, live = row.id, row.name, row.live_version
+        overfitting, flags = _overfitting(ver)
+        training = {
+            "history": ver.history if ver else [],
+            "metrics": {k: v for k, v in (ver.metrics or {}).items() if k != "per_class"}
+            if ver
+            else {},
+            "baseline": {k: v for k, v in (ver.baseline or {}).items() if k != "per_class"}
+            if ver
+            else {},
+            "warnings": (ver.report or {}).get("warnings", []) if ver else [],
+        }
+        val_acc = (ver.metrics or {}).get("val_accuracy") if ver else None
+    drift: dict[str, Any] = {"status": "monitor not running"}
+    if runtime.monitor is not None:
+        await asyncio.to_thread(runtime.monitor.drain, 10.0)
+        drift = runtime.monitor.report(adapter_id)
+    flags += _drift_flags(drift)
+    live_acc = await asyncio.to_thread(_live_accuracy, db, adapter_id, live, val_acc)
+    if live_acc.get("gap") is not None and live_acc["items"] >= 20 and live_acc["gap"] > 0.1:
+        flags.append(
+            f"live accuracy {live_acc['accuracy']:.0%} on {live_acc['items']} labelled items is "
+            f"{live_acc['gap']:.0%} below validation accuracy {val_acc:.0%}"
+        )
+    return {
+        "adapter": adapter_id,
+        "name": name,
+        "live_version": live,
+        "training": training,
+        "overfitting": overfitting,
+        "drift": drift,
+        "live_accuracy": live_acc,
+        "flags": flags,
+    }

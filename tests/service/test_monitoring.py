@@ -1,0 +1,96 @@
+"""Drift, live accuracy and the monitoring report, in-process on the tiny BERT."""
+
+import random
+
+import pytest
+
+from loradock.adapters.drift import mmd_test, psi
+from tests.datasets import keyword_rows
+from tests.service.test_app import assert_problem
+from tests.service.test_predict_api import predict, trained
+
+
+def test_psi_is_zero_for_equal_and_large_for_shifted_distributions():
+    assert psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0, abs=1e-9)
+    assert psi([50, 50, 0], [50, 50, 0]) == pytest.approx(0.0, abs=1e-9)
+    assert psi([80, 10, 10], [10, 10, 80]) > 1.0
+    assert 0 < psi([50, 50], [55, 45]) < 0.05
+
+
+def test_mmd_permutation_test_separates_shifted_samples():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 8, generator=g)
+    same = torch.randn(100, 8, generator=g)
+    shifted = torch.randn(100, 8, generator=g) + 1.0
+    assert mmd_test(x, same).p_value > 0.05
+    assert mmd_test(x, shifted).p_value < 0.01
+    assert mmd_test(x, shifted).statistic > mmd_test(x, same).statistic
+
+
+@pytest.fixture
+def monitored(app_client):
+    s = app_client.app.state.runtime.settings
+    s.drift_min_count, s.drift_check_every = 60, 60
+    trained(app_client, rows_per_class=60)
+    return app_client
+
+
+def send(client, texts, chunk=20):
+    for i in range(0, len(texts), chunk):
+        assert predict(client, "tickets", texts[i : i + chunk]).status_code == 200
+
+
+def test_in_distribution_traffic_is_quiet_and_new_traffic_is_flagged(monitored):
+    same = [r["text"] for r in keyword_rows(40, seed=11)][:120]
+    send(monitored, same)
+    report = monitored.get("/v1/adapters/tickets/monitoring").json()
+    drift = report["drift"]
+    assert drift["status"] == "scored"
+    assert drift["signals"]["embedding"]["p_value"] > 0.05
+    assert drift["signals"]["predicted_label"]["psi"] < 0.2
+
+    rng = random.Random(3)
+    other = [" ".join(rng.choice("abcdefghij") for _ in range(rng.randint(20, 40)))
+             for _ in range(120)]  # fmt: skip
+    send(monitored, other)
+    report = monitored.get("/v1/adapters/tickets/monitoring").json()
+    drift = report["drift"]
+    assert drift["drifting"] is True
+    assert "embedding" in drift["drifted_signals"]
+    assert drift["signals"]["embedding"]["p_value"] < 0.05
+    assert any("drifted" in f for f in report["flags"])
+    metrics = monitored.get("/metrics").text
+    assert "loradock_adapters_drifting 1.0" in metrics
+    assert f'loradock_adapter_drifting{{adapter="{report["adapter"]}"}} 1.0' in metrics
+
+
+def test_feedback_gives_live_accuracy(monitored):
+    rows = keyword_rows(10, seed=21)
+    resp = monitored.post("/v1/adapters/tickets/feedback", json={"items": rows})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["accepted"] == len(rows)
+    live = monitored.get("/v1/adapters/tickets/monitoring").json()["live_accuracy"]
+    assert live["items"] == len(rows)
+    preds = predict(monitored, "tickets", [r["text"] for r in rows]).json()["predictions"]
+    expected = sum(p["label"] == r["label"] for p, r in zip(preds, rows, strict=True)) / len(rows)
+    assert live["accuracy"] == pytest.approx(expected, abs=1e-4)
+    assert live["gap"] == pytest.approx(live["validation_accuracy"] - live["accuracy"], abs=1e-4)
+
+
+def test_feedback_rejects_unknown_labels(monitored):
+    body = {"items": [{"text": "refund", "label": "billing"}, {"text": "x", "label": "nope"}]}
+    assert_problem(monitored.post("/v1/adapters/tickets/feedback", json=body), 422, "items[1]")
+
+
+def test_report_explains_training(monitored):
+    report = monitored.get("/v1/adapters/tickets/monitoring").json()
+    assert report["live_version"] == 1
+    assert report["training"]["history"]
+    assert report["overfitting"]["stop_reason"] in ("early_stopping", "max_epochs")
+    assert report["overfitting"]["winner"] in ("lora", "probe")
+    if report["overfitting"]["stop_reason"] == "early_stopping":
+        best = report["overfitting"]["best_epoch"]
+        assert any(f"restored {best}" in f for f in report["flags"])
+    assert report["drift"]["window_rows"] == 0
