@@ -291,9 +291,10 @@ class StateCollector:
     """Metrics read at scrape time from live state (nothing on the request path):
     adapters resident per tier, adapter cache counters, and jobs per state in the registry."""
 
-    def __init__(self, pool: Any, db: Any) -> None:
+    def __init__(self, pool: Any, db: Any, max_adapters: int = 1000) -> None:
         self.pool = pool
         self.db = db
+        self.max_adapters = max_adapters
 
     def describe(self) -> list[Any]:
         return []  # registered without auto-describe: collected only at scrape time
@@ -334,3 +335,76 @@ class StateCollector:
         for state, n in counts.items():
             jobs.add_metric([state], n)
         yield jobs
+        yield from self._quality()
+
+    def _quality(self) -> Iterator[Any]:
+        """Validation and live quality of every adapter's live version (capped series)."""
+        from prometheus_client.core import GaugeMetricFamily
+        from sqlalchemy import case, func, select
+
+        from loradock.service.db.models import Adapter, Feedback, Version
+
+        families = {
+            "val_loss": GaugeMetricFamily(
+                "loradock_adapter_validation_loss", "Validation loss of the live version.",
+                labels=["adapter"]),
+            "val_accuracy": GaugeMetricFamily(
+                "loradock_adapter_validation_accuracy", "Validation accuracy of the live version.",
+                labels=["adapter"]),
+            "val_macro_f1": GaugeMetricFamily(
+                "loradock_adapter_validation_macro_f1", "Validation macro-F1 of the live version.",
+                labels=["adapter"]),
+            "generalization_gap": GaugeMetricFamily(
+                "loradock_adapter_generalization_gap",
+                "Validation minus training loss at the live version's best epoch.",
+                labels=["adapter"]),
+            "baseline_won": GaugeMetricFamily(
+                "loradock_adapter_baseline_won",
+                "1 when the linear probe beat LoRA on validation (the probe is served).",
+                labels=["adapter"]),
+            "live_accuracy": GaugeMetricFamily(
+                "loradock_adapter_live_accuracy",
+                "Accuracy of the live version on feedback (true labels from production).",
+                labels=["adapter"]),
+            "live_gap": GaugeMetricFamily(
+                "loradock_adapter_live_accuracy_gap",
+                "Validation accuracy minus live accuracy (overfitting seen in production).",
+                labels=["adapter"]),
+        }  # fmt: skip
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Adapter.id, Version.metrics, Version.baseline, Version.report)
+                .join(
+                    Version,
+                    (Version.adapter_id == Adapter.id) & (Version.version == Adapter.live_version),
+                )
+                .order_by(Adapter.created_at, Adapter.id)
+                .limit(self.max_adapters)
+            ).all()
+            live = {
+                (a, v): (n, c)
+                for a, v, n, c in s.execute(
+                    select(Feedback.adapter_id, Feedback.version, func.count(Feedback.id),
+                           func.sum(case((Feedback.label == Feedback.predicted, 1), else_=0)))
+                    .group_by(Feedback.adapter_id, Feedback.version)
+                )
+            }  # fmt: skip
+            versions = dict(s.execute(select(Adapter.id, Adapter.live_version)).all())
+        for adapter_id, metrics, baseline, report in rows:
+            won = (report or {}).get("winner") == "probe"
+            served = baseline if won else metrics
+            for key in ("val_loss", "val_accuracy", "val_macro_f1"):
+                if served and served.get(key) is not None:
+                    families[key].add_metric([adapter_id], served[key])
+            if metrics and metrics.get("generalization_gap") is not None:
+                families["generalization_gap"].add_metric(
+                    [adapter_id], metrics["generalization_gap"]
+                )
+            families["baseline_won"].add_metric([adapter_id], 1 if won else 0)
+            n, correct = live.get((adapter_id, versions.get(adapter_id)), (0, 0))
+            if n:
+                acc = (correct or 0) / n
+                families["live_accuracy"].add_metric([adapter_id], acc)
+                if served and served.get("val_accuracy") is not None:
+                    families["live_gap"].add_metric([adapter_id], served["val_accuracy"] - acc)
+        yield from families.values()

@@ -159,7 +159,7 @@ class Runtime:
             self.engine.warm_up()
             self.monitor = Monitor(self.store, s, self.metrics)
             self.monitor.start()
-            self.metrics.registry.register(StateCollector(pool, self.db))
+            self.metrics.registry.register(StateCollector(pool, self.db, s.max_adapter_series))
             self.jobs = JobRunner(
                 self.db,
                 self.store,

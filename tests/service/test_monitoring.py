@@ -94,3 +94,28 @@ def test_report_explains_training(monitored):
         best = report["overfitting"]["best_epoch"]
         assert any(f"restored {best}" in f for f in report["flags"])
     assert report["drift"]["window_rows"] == 0
+
+
+def test_per_adapter_quality_gauges(monitored):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    adapter = monitored.get("/v1/adapters/tickets").json()
+    version = adapter["versions"][0]
+    rows = keyword_rows(10, seed=21)
+    monitored.post("/v1/adapters/tickets/feedback", json={"items": rows})
+    report = monitored.get("/v1/adapters/tickets/monitoring").json()
+    got = {
+        s.name: s.value
+        for f in text_string_to_metric_families(monitored.get("/metrics").text)
+        for s in f.samples
+        if s.labels.get("adapter") == adapter["id"]
+    }
+    served = version["baseline"] if version["report"]["winner"] == "probe" else version["metrics"]
+    assert got["loradock_adapter_validation_accuracy"] == pytest.approx(served["val_accuracy"], abs=1e-3)
+    assert got["loradock_adapter_validation_macro_f1"] == pytest.approx(served["val_macro_f1"], abs=1e-3)
+    assert got["loradock_adapter_baseline_won"] == (version["report"]["winner"] == "probe")
+    live = report["live_accuracy"]
+    assert got["loradock_adapter_live_accuracy"] == pytest.approx(live["accuracy"], abs=1e-3)
+    assert got["loradock_adapter_live_accuracy_gap"] == pytest.approx(
+        served["val_accuracy"] - live["accuracy"], abs=1e-3
+    )
