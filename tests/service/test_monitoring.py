@@ -111,8 +111,12 @@ def test_per_adapter_quality_gauges(monitored):
         if s.labels.get("adapter") == adapter["id"]
     }
     served = version["baseline"] if version["report"]["winner"] == "probe" else version["metrics"]
-    assert got["loradock_adapter_validation_accuracy"] == pytest.approx(served["val_accuracy"], abs=1e-3)
-    assert got["loradock_adapter_validation_macro_f1"] == pytest.approx(served["val_macro_f1"], abs=1e-3)
+    assert got["loradock_adapter_validation_accuracy"] == pytest.approx(
+        served["val_accuracy"], abs=1e-3
+    )
+    assert got["loradock_adapter_validation_macro_f1"] == pytest.approx(
+        served["val_macro_f1"], abs=1e-3
+    )
     assert got["loradock_adapter_baseline_won"] == (version["report"]["winner"] == "probe")
     live = report["live_accuracy"]
     assert got["loradock_adapter_live_accuracy"] == pytest.approx(live["accuracy"], abs=1e-3)
