@@ -416,11 +416,16 @@ class Trainer:
                 history.append(record)
                 cb.on_event({"type": "epoch", **record})
 
-        if va and best["state"] is not None:
+        # With early stopping on, the best validated weights are restored. With it off, the
+        # last epoch's weights are kept and reported: that is what turning it off means.
+        restore = hp.early_stopping and va and best["state"] is not None
+        if restore:
             self._restore(weights, head, best["state"])
         weights.eval()
         weights.requires_grad_(False)
         head.requires_grad_(False)
+        if va and not hp.early_stopping and best.get("last_metrics") is not None:
+            best.update(epoch=best["last_epoch"], metrics=best["last_metrics"])
         best_epoch = best["epoch"] if va else epoch
         metrics: dict[str, Any] = {
             "best_epoch": best_epoch,
@@ -457,6 +462,8 @@ class Trainer:
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
         improved = m["loss"] < best["loss"] - hp.min_delta
+        if not partial:
+            best.update(last_epoch=epoch, last_metrics=m)
         if improved:
             best.update(loss=m["loss"], epoch=epoch, metrics=m, state=self._snapshot(weights, head))
             bad_evals = 0

@@ -243,3 +243,24 @@ def test_validation_every_n_steps_counts_for_early_stopping(base):
     steps_per_epoch = 6  # 48 training rows / batch 8
     assert [h["step"] for h in partial] == list(range(2, 2 * steps_per_epoch + 1, 2))
     assert len(out.history) == len(partial) + 2  # plus one record per epoch
+
+
+def test_early_stopping_shrinks_the_generalization_gap_and_says_what_it_restored(base):
+    """Overfitting made visible: tiny data, many epochs, a high learning rate."""
+    common = {"epochs": 25, "learning_rate": 0.05, "batch_size": 4, "patience": 3}
+    val = dataset(keyword_rows(6, seed=7)).examples
+    off = Trainer(base).run(
+        dataset(keyword_rows(12)), Hyperparameters(early_stopping=False, **common), validation=val
+    )
+    on = Trainer(base).run(
+        dataset(keyword_rows(12)), Hyperparameters(early_stopping=True, **common), validation=val
+    )
+    assert off.metrics["best_epoch"] == off.metrics["epochs_run"] == 25  # the last epoch is kept
+    last = off.history[-1]
+    assert off.metrics["generalization_gap"] == pytest.approx(
+        last["val_loss"] - last["train_loss"], abs=1e-4
+    )
+    assert on.stop_reason == "early_stopping"
+    assert on.metrics["best_epoch"] < on.metrics["epochs_run"]
+    assert off.metrics["generalization_gap"] > 0.5  # train loss far below validation loss
+    assert on.metrics["generalization_gap"] < off.metrics["generalization_gap"] / 4
