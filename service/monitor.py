@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from loradock.adapters.artifacts import REFERENCE_JSON, REFERENCE_TENSORS
-from loradock.adapters.drift import mmd_test, psi
+from loradock.adapters.drift import mmd_test, psi_excess
 from loradock.adapters.engine import RowResult
 from loradock.adapters.profile import histogram
 from loradock.adapters.store import ArtifactStore, StoreError
@@ -165,8 +165,11 @@ class Monitor:
             counts = Counter(r.label for r in rows)
             reference = [ref["label_distribution"][lbl] for lbl in labels]
             current = [counts.get(lbl, 0) for lbl in labels]
+            raw, noise, excess = psi_excess(reference, current)
             signals["predicted_label"] = {
-                "psi": round(psi(reference, current), 4),
+                "psi": round(excess, 4),
+                "psi_raw": round(raw, 4),
+                "psi_noise": round(noise, 4),
                 "reference": dict(zip(labels, _shares(reference), strict=True)),
                 "current": dict(zip(labels, _shares(current), strict=True)),
             }
@@ -198,8 +201,11 @@ class Monitor:
     def _psi_signal(
         reference: Sequence[int], current: Sequence[int], edges: Sequence[float]
     ) -> dict:
+        raw, noise, excess = psi_excess(reference, current)
         return {
-            "psi": round(psi(reference, current), 4),
+            "psi": round(excess, 4),  # beyond what sampling noise alone would give
+            "psi_raw": round(raw, 4),
+            "psi_noise": round(noise, 4),
             "edges": list(edges),
             "reference": _shares(reference),
             "current": _shares(current),

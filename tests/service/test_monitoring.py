@@ -123,3 +123,23 @@ def test_per_adapter_quality_gauges(monitored):
     assert got["loradock_adapter_live_accuracy_gap"] == pytest.approx(
         served["val_accuracy"] - live["accuracy"], abs=1e-3
     )
+
+
+def test_psi_noise_floor():
+    from loradock.adapters.drift import psi_excess, psi_noise
+
+    assert psi_noise(10, 50, 300) == pytest.approx(9 * (1 / 50 + 1 / 300))
+    # two samples of one distribution: raw PSI is about the noise, the excess about 0
+    rng = random.Random(0)
+    a = [0] * 10
+    b = [0] * 10
+    for _ in range(50):
+        a[rng.randrange(10)] += 1
+    for _ in range(300):
+        b[rng.randrange(10)] += 1
+    raw, noise, excess = psi_excess(a, b)
+    assert raw > 0.05
+    assert excess < raw
+    assert excess < 0.2
+    raw, noise, excess = psi_excess([45, 5], [5, 45])
+    assert excess > 1.0
