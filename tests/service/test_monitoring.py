@@ -141,5 +141,5 @@ def test_psi_noise_floor():
     assert raw > 0.05
     assert excess < raw
     assert excess < 0.2
-    raw, noise, excess = psi_excess([45, 5], [5, 45])
+    raw, _noise, excess = psi_excess([45, 5], [5, 45])
     assert excess > 1.0
