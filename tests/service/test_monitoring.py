@@ -138,6 +138,7 @@ def test_psi_noise_floor():
     for _ in range(300):
         b[rng.randrange(10)] += 1
     raw, noise, excess = psi_excess(a, b)
+    assert noise == pytest.approx(psi_noise(10, 50, 300))  # all 10 bins occupied
     assert raw > 0.05
     assert excess < raw
     assert excess < 0.2
