@@ -92,6 +92,24 @@ def main() -> None:
             for flag in report["flags"]:
                 print(f"  flag: {flag}")
 
+            # Overfitting made visible: 8 texts per class, 15 epochs, early stopping off vs on.
+            small = [{"text": t, "label": c} for c in TRAINED for t in cats[c][:8]]
+            for name, stop in (("tiny-off", False), ("tiny-on", True)):
+                hp = {"epochs": 15, "early_stopping": stop}
+                body = {"name": name, "training_data": small, "validation_data": val,
+                        "hyperparameters": hp}  # fmt: skip
+                job = c.post("/v1/adapters", json=body).json()["job"]["id"]
+                while c.get(f"/v1/jobs/{job}").json()["status"] in ("queued", "running"):
+                    time.sleep(0.5)
+                rep = c.get(f"/v1/adapters/{name}/monitoring").json()
+                o, m = rep["overfitting"], rep["training"]["metrics"]
+                print(f"{name}: early stopping {'on' if stop else 'off'}: best epoch "
+                      f"{o['best_epoch']} of {o['epochs_run']}, train loss {m.get('train_loss')}, "
+                      f"validation loss {m.get('val_loss')}, gap {o['generalization_gap']}, "
+                      f"verdict {o['verdict']!r}")  # fmt: skip
+                for flag in rep["flags"]:
+                    print(f"  flag: {flag}")
+
             texts = same + other
             serving = runtime.serving
             monitor = serving.monitor

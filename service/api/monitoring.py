@@ -108,7 +108,7 @@ def _overfitting(ver: Version | None) -> tuple[dict[str, Any], list[str]]:
         verdict = "large generalization gap"
         flags.append(
             f"generalization gap {gap:.3f} (validation loss {val:.3f} vs training "
-            f"{m.get('train_loss', 0):.3f} at the best epoch): the adapter fits its training "
+            f"{m.get('train_loss', 0):.3f} at epoch {best}): the adapter fits its training "
             "data much better than unseen data"
         )
     report = ver.report or {}
