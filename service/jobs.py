@@ -228,13 +228,21 @@ class JobRunner:
     def _run(self, job_id: str) -> None:
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            assert job is not None
+            if job is None:  # its adapter was deleted since the claim
+                return
             tenant_id, adapter_id, version = job.tenant_id, job.adapter_id, job.version
             spec = dict(job.spec)
             if job.cancel_requested:
                 finish_cancelled(s, job)
                 return
-        raw = self.store.read(dataset_key(tenant_id, adapter_id, job_id), DATASET_FILE)
+        try:
+            raw = self.store.read(dataset_key(tenant_id, adapter_id, job_id), DATASET_FILE)
+        except StoreError as e:
+            with self.db.session() as s:
+                job = s.get(Job, job_id)
+                if job is not None:
+                    finish_failed(s, job, f"the training data cannot be read: {e}", None)
+            return
         train, validation, split = decode_dataset(raw)
         hp = Hyperparameters.model_validate(spec.get("hyperparameters") or {})
         log.info(
@@ -266,8 +274,9 @@ class JobRunner:
         else:
             with self.db.session() as s:
                 job = s.get(Job, job_id)
-                assert job is not None
-                if outcome.status == "cancelled":
+                if job is None:
+                    pass  # deleted with its adapter while training: nothing left to record
+                elif outcome.status == "cancelled":
                     finish_cancelled(s, job)
                 else:
                     finish_failed(s, job, outcome.error or "training failed", outcome)
@@ -327,8 +336,8 @@ class JobRunner:
         except StoreError as e:
             with self.db.session() as s:
                 job = s.get(Job, job_id)
-                assert job is not None
-                finish_failed(s, job, f"could not publish the artifact: {e}", outcome)
+                if job is not None:
+                    finish_failed(s, job, f"could not publish the artifact: {e}", outcome)
             return
         with self.db.session() as s:
             job = s.get(Job, job_id)

@@ -365,3 +365,20 @@ def test_regression_through_the_api(app_client):
         create(app_client, name="bad", task="regression", training_data=keyword_rows(5)),
         422, "finite number",
     )  # fmt: skip
+
+
+def test_deleting_an_adapter_while_it_trains_leaves_nothing_and_the_worker_goes_on(app_client):
+    slow = {**FAST, "epochs": 500, "early_stopping": False}
+    job_id = create(app_client, hyperparameters=slow).json()["job"]["id"]
+    deadline = time.monotonic() + 30
+    while app_client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert app_client.delete("/v1/adapters/tickets").status_code == 204
+    assert_problem(app_client.get(f"/v1/jobs/{job_id}"), 404)
+    # the worker drops the cancelled job and trains the next one
+    nxt = create(app_client, name="next").json()["job"]["id"]
+    assert wait_job(app_client, nxt)["status"] == "succeeded"
+    keys = store_keys(app_client)
+    assert keys
+    assert all("/" + app_client.get("/v1/adapters/next").json()["id"] + "/" in k for k in keys)
