@@ -190,10 +190,7 @@ class JobRunner:
                 self._run(job_id)
             except Exception:
                 log.exception("job %s crashed", job_id)
-                with self.db.session() as s:
-                    job = s.get(Job, job_id)
-                    if job is not None and job.status == "running":
-                        finish_failed(s, job, "internal error while training; see the log", None)
+                self._fail(job_id, "internal error while training; see the log")
             finally:
                 with self._lock:
                     self._running.discard(job_id)
@@ -238,10 +235,7 @@ class JobRunner:
         try:
             raw = self.store.read(dataset_key(tenant_id, adapter_id, job_id), DATASET_FILE)
         except StoreError as e:
-            with self.db.session() as s:
-                job = s.get(Job, job_id)
-                if job is not None:
-                    finish_failed(s, job, f"the training data cannot be read: {e}", None)
+            self._fail(job_id, f"the training data cannot be read: {e}")
             return
         train, validation, split = decode_dataset(raw)
         hp = Hyperparameters.model_validate(spec.get("hyperparameters") or {})
@@ -291,6 +285,13 @@ class JobRunner:
             self.metrics.stops.labels(outcome.stop_reason).inc()
         self.metrics.training_seconds.observe(seconds)
 
+    def _fail(self, job_id: str, error: str, outcome: TrainOutcome | None = None) -> None:
+        """Mark a running job failed (a job deleted with its adapter has nothing to mark)."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is not None and job.status == "running":
+                finish_failed(s, job, error, outcome)
+
     def _cancelled(self, job_id: str, progress: _ProgressWriter) -> bool:
         with self._lock:
             if job_id in self._cancel:
@@ -334,10 +335,7 @@ class JobRunner:
         try:
             self.store.publish(key, files, {"job_id": job_id, "adapter_id": adapter_id})
         except StoreError as e:
-            with self.db.session() as s:
-                job = s.get(Job, job_id)
-                if job is not None:
-                    finish_failed(s, job, f"could not publish the artifact: {e}", outcome)
+            self._fail(job_id, f"could not publish the artifact: {e}", outcome)
             return
         with self.db.session() as s:
             job = s.get(Job, job_id)
