@@ -20,6 +20,7 @@ from loradock.service.errors import LoradockError, NotReady
 from loradock.service.jobs import JobRunner
 from loradock.service.metrics import Metrics, StateCollector
 from loradock.service.monitor import Monitor
+from loradock.service.ratelimit import TenantRateLimiter
 from loradock.service.serving import Serving
 from loradock.service.settings import Settings
 
@@ -46,6 +47,9 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.metrics.max_adapter_series = settings.max_adapter_series
         self.monitor: Monitor | None = None
+        self.rate_limiter = TenantRateLimiter(
+            settings.predict_rate_per_tenant, settings.predict_burst
+        )
         self.db: Database | None = None
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None

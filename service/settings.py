@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(
         1024, ge=1, description="Rows waiting for a batch before predict answers 429."
     )
+    predict_rate_per_tenant: float = Field(
+        0.0, ge=0, description="Average predict requests per second per tenant (0 = no limit)."
+    )
+    predict_burst: float = Field(
+        100.0, ge=1, description="Predict requests a tenant may send at once above its rate."
+    )
     live_poll_seconds: float = Field(
         1.0, ge=0, le=3600, description="How stale a cached live version may be (other replicas)."
     )

@@ -149,6 +149,7 @@ async def _infer(
     model: str, ver: int | None, req: InferRequest, runtime: ReadyRuntimeDep, principal: Principal
 ) -> dict[str, Any]:
     with runtime.metrics_for("v2", len(req.inputs[0].data) if req.inputs else 0):
+        runtime.rate_limiter.take(principal.tenant_id)
         texts = _texts(req)
         try:
             check_inputs(runtime, texts)

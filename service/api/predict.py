@@ -53,6 +53,7 @@ async def predict(
     """Rows come back in input order. Texts longer than the model's token limit are truncated and
     flagged (`truncated: true`)."""
     with runtime.metrics_for("v1", len(body.inputs)):
+        runtime.rate_limiter.take(principal.tenant_id)
         check_inputs(runtime, body.inputs)
         serving = runtime.require_serving()
         target = await asyncio.to_thread(

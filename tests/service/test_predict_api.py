@@ -201,3 +201,36 @@ def test_a_lookup_racing_a_promotion_never_caches_the_old_version(app_client, mo
     assert seen["v"].version == 1  # the racing request itself answered from what it read
     assert live.resolve(tenant, "tickets", None).version == 2  # but nothing stale was cached
     assert predict(app_client, "tickets", TEXTS).json()["version"] == 2
+
+
+def test_per_tenant_rate_limit(app_client):
+    from loradock.service.ratelimit import TenantRateLimiter
+
+    trained(app_client)
+    runtime = app_client.app.state.runtime
+    runtime.rate_limiter = TenantRateLimiter(rate=0.5, burst=2)
+    assert predict(app_client, "tickets", ["refund"]).status_code == 200
+    assert predict(app_client, "tickets", ["refund"]).status_code == 200
+    resp = predict(app_client, "tickets", ["refund"])
+    assert_problem(resp, 429, "LORADOCK_PREDICT_RATE_PER_TENANT")
+    assert int(resp.headers["retry-after"]) >= 1
+    # another tenant has its own bucket
+    tenant = app_client.post("/v1/tenants", json={"name": "other"}).json()
+    key = app_client.post(f"/v1/tenants/{tenant['id']}/keys", json={"scopes": ["predict"]}).json()
+    other = TestClient(app_client.app, headers={"Authorization": f"Bearer {key['key']}"})
+    assert_problem(predict(other, "tickets", ["refund"]), 404)  # not 429: its bucket is full
+
+
+def test_token_bucket_refills():
+    import time
+
+    from loradock.service.errors import TooManyRequests
+    from loradock.service.ratelimit import TenantRateLimiter
+
+    limiter = TenantRateLimiter(rate=20, burst=1)
+    limiter.take("t")
+    with pytest.raises(TooManyRequests):
+        limiter.take("t")
+    time.sleep(0.08)  # 20/s refills one token in 50 ms
+    limiter.take("t")
+    TenantRateLimiter(rate=0, burst=1).take("t")  # off: never raises
