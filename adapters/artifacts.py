@@ -83,21 +83,21 @@ class AdapterModel:
 
     def predict(self, base: BaseModel, texts: Sequence[str]) -> list[dict[str, Any]]:
         outputs, _, _ = self.forward(base, texts)
-        if self.task == "regression":
-            return [{"value": float(v)} for v in outputs]
-        probs = torch.softmax(outputs, dim=-1)
-        labels = self.labels
-        result = []
-        for row in probs:
-            i = int(row.argmax())
-            result.append(
-                {
-                    "label": labels[i],
-                    "score": float(row[i]),
-                    "scores": {lbl: float(row[j]) for j, lbl in enumerate(labels)},
-                }
-            )
-        return result
+        return [decode_output(self.task, self.labels, row) for row in outputs]
+
+
+def decode_output(task: str, labels: Sequence[str], row: torch.Tensor) -> dict[str, Any]:
+    """One row of head output (host memory) as a prediction: class logits [C] -> label, score and
+    scores; a regression value already in label units -> {"value"}."""
+    if task == "regression":
+        return {"value": float(row.reshape(-1)[0])}
+    probs = torch.softmax(row[: len(labels)].float(), dim=-1)
+    k = int(probs.argmax())
+    return {
+        "label": labels[k],
+        "score": float(probs[k]),
+        "scores": {lbl: float(probs[c]) for c, lbl in enumerate(labels)},
+    }
 
 
 def build_files(

@@ -21,6 +21,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from loradock.adapters.device import dtype_name, resolve_device, resolve_dtype
+from loradock.adapters.lora import LoRALinear
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -208,13 +209,9 @@ class BaseModel:
 
     def linear_targets(self) -> list[LinearTarget]:
         """Every nn.Linear inside the transformer blocks, with its shape: what LoRA can target."""
-        from loradock.adapters.lora import (
-            LoRALinear,
-        )  # wrappers installed in place stand for Linear
-
         targets = []
         for name, module in self.backbone.named_modules():
-            if isinstance(module, LoRALinear):
+            if isinstance(module, LoRALinear):  # wrapped in place: report the Linear inside
                 module = module.base
             elif not isinstance(module, nn.Linear) or name.endswith(".base"):
                 continue

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from loradock.adapters import lora
-from loradock.adapters.artifacts import load_adapter
+from loradock.adapters.artifacts import decode_output, load_adapter
 from loradock.adapters.base import BaseModel
 from loradock.adapters.scheduling import PriorityGate
 from loradock.adapters.slots import AdapterRef, BatchedLoRA, Resident, SlotPool
@@ -161,11 +161,5 @@ class Engine:
     def _decode(res: Resident, row: torch.Tensor) -> dict[str, Any]:
         """One row's head output (host memory) as a prediction."""
         if res.task == "regression":
-            return {"value": float(row[0]) * res.target_std + res.target_mean}
-        probs = torch.softmax(row[: len(res.labels)], dim=-1)
-        k = int(probs.argmax())
-        return {
-            "label": res.labels[k],
-            "score": float(probs[k]),
-            "scores": {lbl: float(probs[c]) for c, lbl in enumerate(res.labels)},
-        }
+            row = row[:1] * res.target_std + res.target_mean  # standardized -> label units
+        return decode_output(res.task, res.labels, row)

@@ -7,15 +7,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
-
 from loradock.adapters.engine import BatchTooLarge, Engine, RowResult
 from loradock.adapters.slots import AdapterRef, CapacityError, IncompatibleAdapter
 from loradock.adapters.store import StoreError
+from loradock.service.api.lookup import find_adapter, find_version
 from loradock.service.batcher import MicroBatcher
-from loradock.service.db.models import Adapter, Version
 from loradock.service.db.registry import Database
-from loradock.service.errors import Conflict, LoradockError, NotFound
+from loradock.service.errors import Conflict, LoradockError
 from loradock.service.monitor import Monitor
 
 
@@ -76,11 +74,8 @@ class LiveVersions:
         return target
 
     def _read(self, tenant_id: str, ref: str, version: int | None) -> Target:
-        column = Adapter.id if ref.startswith("ad_") else Adapter.name
         with self.db.session() as s:
-            adapter = s.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, column == ref))
-            if adapter is None:
-                raise NotFound(f"adapter {ref!r} not found")
+            adapter = find_adapter(s, tenant_id, ref)
             number = version if version is not None else adapter.live_version
             if number is None:
                 if adapter.status == "training":
@@ -90,11 +85,7 @@ class LiveVersions:
                 raise Conflict(
                     f"adapter {adapter.name!r} has no live version (status {adapter.status})"
                 )
-            ver = s.scalar(
-                select(Version).where(Version.adapter_id == adapter.id, Version.version == number)
-            )
-            if ver is None:
-                raise NotFound(f"adapter {adapter.name!r} has no version {number}")
+            ver = find_version(s, adapter, number)
             if ver.status != "ready" or not ver.artifact_key:
                 raise Conflict(f"version {number} of {adapter.name!r} is {ver.status}, not ready")
             return Target(adapter.id, adapter.name, number, ver.artifact_key, adapter.task)

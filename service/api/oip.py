@@ -14,9 +14,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
 
 from loradock.service.api.deps import Principal, ReadyRuntimeDep, RuntimeDep, require
 from loradock.service.api.predict import check_inputs
+from loradock.service.db.models import Version
 from loradock.service.errors import BadRequest, LoradockError
 from loradock.service.runtime import Phase
 from loradock.service.serving import Target
@@ -67,10 +69,6 @@ def server_metadata() -> dict[str, Any]:
 
 
 def _labels_of(runtime: ReadyRuntimeDep, target: Target) -> list[str]:
-    from sqlalchemy import select
-
-    from loradock.service.db.models import Version
-
     assert runtime.db is not None
     with runtime.db.session() as s:
         ver = s.scalar(
