@@ -62,28 +62,30 @@ class Engine:
             return res
         with self._loading_guard:
             lock = self._loading.setdefault(ref, threading.Lock())
-        with lock:  # one load per adapter even when many requests miss at once
-            res = self.pool.get(ref, acquire=True)
-            if res is not None:
+        try:
+            with lock:  # one load per adapter even when many requests miss at once
+                res = self.pool.get(ref, acquire=True)
+                if res is not None:
+                    return res
+                started = time.perf_counter()
+                model = load_adapter(self.store, key, self.base)
+                meta = model.meta
+                res = self.pool.load(
+                    ref,
+                    model.weights,
+                    model.head,
+                    task=str(meta["task"]),
+                    labels=list(meta.get("labels", [])),
+                    target_mean=float(meta.get("target_mean", 0.0)),
+                    target_std=float(meta.get("target_std", 1.0)),
+                    acquire=True,
+                )
+                if self.on_load is not None:
+                    self.on_load(time.perf_counter() - started)
                 return res
-            started = time.perf_counter()
-            model = load_adapter(self.store, key, self.base)
-            meta = model.meta
-            res = self.pool.load(
-                ref,
-                model.weights,
-                model.head,
-                task=str(meta["task"]),
-                labels=list(meta.get("labels", [])),
-                target_mean=float(meta.get("target_mean", 0.0)),
-                target_std=float(meta.get("target_std", 1.0)),
-                acquire=True,
-            )
-            if self.on_load is not None:
-                self.on_load(time.perf_counter() - started)
-        with self._loading_guard:
-            self._loading.pop(ref, None)
-        return res
+        finally:  # a failed load leaves nothing behind: the next request tries again
+            with self._loading_guard:
+                self._loading.pop(ref, None)
 
     def release(self, residents: Sequence[Resident]) -> None:
         self.pool.release([r.slot for r in residents])

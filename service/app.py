@@ -62,6 +62,7 @@ def create_app(
                 batcher,
                 LiveVersions(runtime.db, s.live_poll_seconds),
                 runtime.monitor,
+                runtime.metrics,
             )
 
         starting = asyncio.create_task(start(), name="loradock-start")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from loradock.adapters.artifacts import build_files
 from loradock.adapters.base import BaseModel
@@ -106,6 +106,7 @@ class JobRunner:
         *,
         workers: int = 1,
         max_attempts: int = 3,
+        max_running_per_tenant: int = 1_000_000,
         gate: PriorityGate | None = None,
         on_finished: Callable[[str, str], None] | None = None,
         metrics: Metrics | None = None,
@@ -116,6 +117,7 @@ class JobRunner:
         self.base = base
         self.workers = workers
         self.max_attempts = max_attempts
+        self.max_running_per_tenant = max_running_per_tenant
         self.gate = gate or PriorityGate()
         self.on_finished = on_finished
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -125,6 +127,7 @@ class JobRunner:
         self._cancel: set[str] = set()
         self._running: set[str] = set()
         self._lock = threading.Lock()
+        self._claim_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -197,11 +200,38 @@ class JobRunner:
                     self._cancel.discard(job_id)
 
     def _claim(self) -> str | None:
-        with self.db.session() as s:
+        """Take the next queued job: fair across tenants, at most `max_running_per_tenant` each.
+
+        Tenants already at their running limit wait; among the others the tenant whose last job
+        started longest ago goes first (so a tenant with 100 queued jobs cannot starve one with 1),
+        then the oldest job of that tenant. The conditional UPDATE makes a claim exclusive.
+        """
+        running = (
+            select(Job.tenant_id, func.count().label("n"))
+            .where(Job.status == "running")
+            .group_by(Job.tenant_id)
+            .subquery()
+        )
+        last_start = (
+            select(Job.tenant_id, func.max(Job.started_at).label("at"))
+            .group_by(Job.tenant_id)
+            .subquery()
+        )
+        with self._claim_lock, self.db.session() as s:  # exact per-tenant counts in a replica
             candidates = s.scalars(
                 select(Job.id)
-                .where(Job.status == "queued")
-                .order_by(Job.created_at, Job.id)
+                .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+                .outerjoin(last_start, last_start.c.tenant_id == Job.tenant_id)
+                .where(
+                    Job.status == "queued",
+                    func.coalesce(running.c.n, 0) < self.max_running_per_tenant,
+                )
+                .order_by(
+                    last_start.c.at.is_not(None),
+                    last_start.c.at,
+                    Job.created_at,
+                    Job.id,
+                )
                 .limit(5)
             ).all()
             for job_id in candidates:

@@ -136,6 +136,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.adapter_load_failures = Counter(
+            "loradock_adapter_load_failures",
+            "Adapter versions that could not be made servable, by reason (corrupt: files do not "
+            "match the manifest; missing: not in the store; incompatible: does not fit this base "
+            "or its slots; capacity: every slot busy).",
+            ["reason"],
+            registry=r,
+        )
 
         # --- training ------------------------------------------------------------------------
         self.training_epochs = Counter(

@@ -170,6 +170,7 @@ class Runtime:
                 base,
                 workers=s.job_workers,
                 max_attempts=s.job_max_attempts,
+                max_running_per_tenant=s.max_running_jobs_per_tenant,
                 gate=self.gate,
                 metrics=self.metrics,
             )

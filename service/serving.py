@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
+from loradock.adapters.artifacts import ArtifactError
 from loradock.adapters.engine import BatchTooLarge, Engine, RowResult
 from loradock.adapters.slots import AdapterRef, CapacityError, IncompatibleAdapter
-from loradock.adapters.store import StoreError
+from loradock.adapters.store import ArtifactNotFound, StoreError
 from loradock.service.api.lookup import find_adapter, find_version
 from loradock.service.batcher import MicroBatcher
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict, LoradockError
+from loradock.service.metrics import Metrics
 from loradock.service.monitor import Monitor
+
+log = logging.getLogger(__name__)
 
 
 class AdapterUnavailable(LoradockError):
@@ -100,7 +105,9 @@ class Serving:
         batcher: MicroBatcher,
         live: LiveVersions,
         monitor: Monitor | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.engine = engine
         self.batcher = batcher
         self.live = live
@@ -117,18 +124,37 @@ class Serving:
             )
         return results
 
+    def _load_failed(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_load_failures.labels(reason).inc()
+
     async def _predict(self, target: Target, texts: list[str]) -> list[RowResult]:
         try:
             resident = await asyncio.to_thread(self.engine.acquire, target.ref, target.key)
         except IncompatibleAdapter as e:
+            self._load_failed("incompatible")
             raise Conflict(
                 f"version {target.version} of {target.name!r} cannot be served: {e}"
             ) from e
         except CapacityError as e:
+            self._load_failed("capacity")
             raise AdapterUnavailable(str(e), headers={"Retry-After": "1"}) from e
-        except (StoreError, ValueError, KeyError, OSError) as e:
+        except (StoreError, ArtifactError, ValueError, KeyError, OSError) as e:
+            # One broken version fails its own requests only; nothing is cached, so a repaired
+            # store (or a promote to another version) serves again without a restart.
+            reason = (
+                "missing"
+                if isinstance(e, ArtifactNotFound)
+                else "corrupt"
+                if isinstance(e, StoreError)
+                else "incompatible"
+            )
+            self._load_failed(reason)
+            log.error("adapter %s v%d cannot be loaded (%s): %s", target.adapter_id,
+                      target.version, reason, e)  # fmt: skip
             raise AdapterUnavailable(
-                f"version {target.version} of {target.name!r} cannot be loaded: {e}"
+                f"version {target.version} of {target.name!r} cannot be loaded ({reason}): {e}; "
+                "promote another version or retrain it"
             ) from e
         try:
             return await self.batcher.submit(resident, texts)

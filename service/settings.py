@@ -70,6 +70,21 @@ class Settings(BaseSettings):
     max_adapters_per_tenant: int = Field(
         1000, ge=1, description="Most adapters one tenant may own (409 beyond)."
     )
+    max_import_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest adapter zip accepted by /v1/adapters/import, packed and unpacked "
+        "(413 beyond; the request body limit applies too).",
+    )
+    max_queued_jobs_per_tenant: int = Field(
+        8, ge=1, description="Jobs one tenant may have waiting to train (429 beyond)."
+    )
+    max_running_jobs_per_tenant: int = Field(
+        1,
+        ge=1,
+        description="Jobs of one tenant that train at the same time, per replica; the others "
+        "wait, so one tenant cannot hold every worker.",
+    )
 
     # --- training jobs -------------------------------------------------------------------------
     job_workers: int = Field(

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
+from loradock.adapters.artifacts import META
 from loradock.adapters.data import (
     Dataset,
     DatasetError,
@@ -23,10 +26,12 @@ from loradock.adapters.data import (
     remove_leakage,
     validate_rows,
 )
-from loradock.adapters.store import MANIFEST, StoreError
+from loradock.adapters.importing import ImportRejected, ImportTooLarge, read_zip, validate_import
+from loradock.adapters.store import MANIFEST, StoreError, artifact_key
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, now, require
 from loradock.service.api.lookup import find_adapter, find_version
 from loradock.service.api.schemas import (
+    NAME_PATTERN,
     AdapterAndJob,
     AdapterCreate,
     AdapterList,
@@ -36,7 +41,13 @@ from loradock.service.api.schemas import (
     VersionOut,
 )
 from loradock.service.db.models import Adapter, Job, Version, new_id
-from loradock.service.errors import Conflict, NotFound, Unprocessable
+from loradock.service.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unprocessable,
+)
 from loradock.service.jobs import DATASET_FILE, dataset_key, encode_dataset
 from loradock.service.runtime import Runtime
 
@@ -232,6 +243,18 @@ def _queue(
 ) -> Job:
     """Store the dataset, then add version + job rows (the caller's transaction commits them)."""
     assert runtime.store is not None
+    waiting = s.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == principal.tenant_id, Job.status == "queued")
+    )
+    limit = runtime.settings.max_queued_jobs_per_tenant
+    if (waiting or 0) >= limit:
+        raise TooManyRequests(
+            f"this tenant has {waiting} jobs waiting to train, the limit is {limit} "
+            "(setting LORADOCK_MAX_QUEUED_JOBS_PER_TENANT); retry when one has started",
+            retry_after=30,
+        )
     job = Job(
         id=new_id("job"),
         tenant_id=principal.tenant_id,
@@ -262,6 +285,20 @@ def _queue(
     return job
 
 
+def _check_new_adapter(s: Session, runtime: Runtime, tenant_id: str, name: str) -> None:
+    count = s.scalar(
+        select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id)
+    )
+    limit = runtime.settings.max_adapters_per_tenant
+    if (count or 0) >= limit:
+        raise Conflict(
+            f"this tenant has {count} adapters, the limit is {limit} "
+            "(setting LORADOCK_MAX_ADAPTERS_PER_TENANT); delete one first"
+        )
+    if s.scalar(select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name)):
+        raise Conflict(f"an adapter named {name!r} already exists")
+
+
 # --- routes ------------------------------------------------------------------------------------
 
 
@@ -281,23 +318,7 @@ async def create_adapter(
     train, val = _datasets(runtime, body.task, body)
     try:
         with db.session() as s:
-            count = s.scalar(
-                select(func.count())
-                .select_from(Adapter)
-                .where(Adapter.tenant_id == principal.tenant_id)
-            )
-            limit = runtime.settings.max_adapters_per_tenant
-            if (count or 0) >= limit:
-                raise Conflict(
-                    f"this tenant has {count} adapters, the limit is {limit} "
-                    "(setting LORADOCK_MAX_ADAPTERS_PER_TENANT); delete one first"
-                )
-            if s.scalar(
-                select(Adapter.id).where(
-                    Adapter.tenant_id == principal.tenant_id, Adapter.name == body.name
-                )
-            ):
-                raise Conflict(f"an adapter named {body.name!r} already exists")
+            _check_new_adapter(s, runtime, principal.tenant_id, body.name)
             adapter = Adapter(
                 id=new_id("ad"),
                 tenant_id=principal.tenant_id,
@@ -318,6 +339,132 @@ async def create_adapter(
     if runtime.jobs is not None:
         runtime.jobs.wake()
     return result
+
+
+_IMPORT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a version zip as GET /download returns it",
+                        },
+                        "name": {
+                            "type": "string",
+                            "pattern": NAME_PATTERN,
+                            "description": "default: the zip's file name without -vN.zip",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _import_name(given: str | None, filename: str | None) -> str:
+    name = given
+    if name is None and filename:
+        name = re.sub(r"(-v\d+)?\.zip$", "", filename.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    if not name or not re.match(NAME_PATTERN, name):
+        raise Unprocessable(
+            f"name: {name!r} is not a valid adapter name (letters, digits, '_', '.', '-'; "
+            "pass the form field name)"
+        )
+    return name
+
+
+@router.post(
+    "/adapters/import", status_code=201, response_model=AdapterOut, openapi_extra=_IMPORT_DOC
+)
+async def import_adapter(
+    request: Request,
+    runtime: ReadyRuntimeDep,
+    db: DatabaseDep,
+    principal: Principal = TrainDep,
+) -> AdapterOut:
+    """A new adapter whose version 1 is a verified upload (a zip from GET .../download)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise Unprocessable("send the zip as multipart/form-data with the field 'file'")
+    form = await request.form(max_files=1, max_fields=2)
+    upload, given = form.get("file"), form.get("name")
+    if not isinstance(upload, UploadFile):
+        raise Unprocessable("file: a zip file upload is required")
+    if given is not None and not isinstance(given, str):
+        raise Unprocessable("name: must be a form field, not a file")
+    name = _import_name(given, upload.filename)
+    cap = runtime.settings.max_import_bytes
+    data = await upload.read(cap + 1)
+    serving = runtime.require_serving()
+    base = serving.engine.base
+    try:
+        files = read_zip(data, max_bytes=cap)
+        imported = await run_in_threadpool(
+            validate_import,
+            files,
+            base,
+            served_modules=serving.engine.pool.names,
+            max_rank=serving.engine.pool.max_rank,
+        )
+    except ImportTooLarge as e:
+        raise PayloadTooLarge(f"{e} (setting LORADOCK_MAX_IMPORT_BYTES)") from e
+    except ImportRejected as e:
+        raise Unprocessable(f"file: {e}") from e
+    with db.session() as s:  # fail fast before writing anything
+        _check_new_adapter(s, runtime, principal.tenant_id, name)
+    adapter_id = new_id("ad")
+    key = artifact_key(principal.tenant_id, adapter_id, 1)
+    origin = {k: imported.meta.get(k) for k in ("adapter_id", "version")}
+    meta = {**imported.meta, "adapter_id": adapter_id, "version": 1, "imported_from": origin}
+    files = {**imported.files, META: json.dumps(meta, indent=2, sort_keys=True).encode()}
+    assert runtime.store is not None
+    await run_in_threadpool(runtime.store.publish, key, files, {"adapter_id": adapter_id})
+    try:
+        with db.session() as s:
+            _check_new_adapter(s, runtime, principal.tenant_id, name)
+            adapter = Adapter(
+                id=adapter_id,
+                tenant_id=principal.tenant_id,
+                name=name,
+                task=imported.task,
+                labels=imported.labels,
+                status="ready",
+                live_version=1,
+                created_at=now(),
+                updated_at=now(),
+            )
+            s.add(adapter)
+            s.flush()
+            metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+            baseline = meta.get("baseline") if isinstance(meta.get("baseline"), dict) else {}
+            s.add(
+                Version(
+                    adapter_id=adapter_id,
+                    version=1,
+                    status="ready",
+                    hyperparameters=meta.get("hyperparameters") or {},
+                    metrics={**(metrics or {}), "winner": meta.get("winner")},
+                    history=[],
+                    baseline=baseline or {},
+                    report={"labels": imported.labels, "imported_from": origin},
+                    artifact_key=key,
+                    base_fingerprint=base.fingerprint,
+                    created_at=now(),
+                )
+            )
+            s.flush()
+            return adapter_out(s, adapter)
+    except BaseException as e:
+        runtime.store.delete(key)  # no registry row: the artifact must not outlive the attempt
+        if isinstance(e, IntegrityError):
+            raise Conflict(f"an adapter named {name!r} already exists") from e
+        raise
 
 
 @router.get("/adapters", response_model=AdapterList)

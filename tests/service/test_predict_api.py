@@ -234,3 +234,43 @@ def test_token_bucket_refills():
     time.sleep(0.08)  # 20/s refills one token in 50 ms
     limiter.take("t")
     TenantRateLimiter(rate=0, burst=1).take("t")  # off: never raises
+
+
+def test_a_corrupt_or_missing_artifact_fails_only_its_adapter(app_client):
+    from tests.service.test_app import metric_value
+
+    broken_id = trained(app_client, "broken", seed=1)
+    trained(app_client, "fine", seed=2)
+    runtime = app_client.app.state.runtime
+    key = f"{runtime_tenant(app_client)}/{broken_id}/v1"
+    head = runtime.store._path(key) / "head.safetensors"
+    good = head.read_bytes()
+    assert predict(app_client, "broken", TEXTS).status_code == 200
+
+    def evict_and_predict():
+        runtime.serving.engine.pool.drop(broken_id)  # as if evicted, or after a restart
+        return predict(app_client, "broken", TEXTS)
+
+    def failures(reason):
+        text = app_client.get("/metrics").text
+        return metric_value(text, "loradock_adapter_load_failures_total", {"reason": reason}) or 0
+
+    head.write_bytes(good[:-4] + b"\x00\x00\x00\x00")  # bit rot
+    body = assert_problem(evict_and_predict(), 503, "corrupt")
+    assert "does not match its manifest" in body["detail"]
+    assert failures("corrupt") == 1
+    assert predict(app_client, "fine", TEXTS).status_code == 200  # the others are untouched
+
+    head.unlink()  # a lost file
+    assert_problem(evict_and_predict(), 503, "is missing its file")
+    manifest = runtime.store._path(key) / "manifest.json"
+    saved = manifest.read_bytes()
+    manifest.unlink()  # the whole version gone
+    assert_problem(evict_and_predict(), 503, "missing")
+    assert failures("missing") == 1
+    assert predict(app_client, "fine", TEXTS).status_code == 200
+    assert app_client.get("/healthz").status_code == 200
+
+    head.write_bytes(good)  # repaired: served again without a restart
+    manifest.write_bytes(saved)
+    assert evict_and_predict().status_code == 200
