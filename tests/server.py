@@ -22,8 +22,17 @@ def free_port() -> int:
 class ServerProcess:
     """`loradock serve` in a child process. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, **settings: object):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        crashpoint: str | None = None,
+        **settings: object,
+    ):
+        """`crashpoint`: run under tests/crashpoint.py, which SIGKILLs the server at that point."""
         self.data_dir = data_dir
+        self.crashpoint = crashpoint
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-server-{self.port}.log"
@@ -42,9 +51,16 @@ class ServerProcess:
     def start(self, ready_timeout: float = 180.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        module = (
+            ["tests.crashpoint", self.crashpoint] if self.crashpoint else ["loradock.service.cli"]
+        )
+        env = self.env
+        if self.crashpoint:
+            root = str(Path(__file__).resolve().parent.parent)
+            env = {**env, "PYTHONPATH": os.pathsep.join([root, env.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loradock.service.cli", "serve"],
-            env=self.env,
+            [sys.executable, "-m", *module, "serve"],
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
