@@ -193,9 +193,15 @@ class BaseModel:
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.backbone.parameters())
 
+    @property
+    def name(self) -> str:
+        """The model directory's last two path parts: says which model, without revealing where
+        it lives on the host (/readyz and /metrics are unauthenticated)."""
+        return f"{self.path.parent.name}/{self.path.name}".lstrip("/")
+
     def describe(self) -> dict[str, object]:
         return {
-            "path": str(self.path),
+            "name": self.name,
             "model_type": self.model_type,
             "decoder": self.is_decoder,
             "hidden_size": self.hidden_size,

@@ -197,7 +197,7 @@ class Runtime:
         m.base_model_info.info(
             {
                 "model_type": base.model_type,
-                "path": str(base.path),
+                "name": base.name,
                 "device": str(base.device),
                 "dtype": dtype_name(base.dtype),
                 "fingerprint": base.fingerprint,
@@ -208,7 +208,7 @@ class Runtime:
         if self._phase is not Phase.FAILED:
             self._set_phase(Phase.STOPPED)
         if self.jobs is not None:
-            self.jobs.stop()
+            self.jobs.stop(timeout=self.settings.shutdown_grace_seconds)
         if self.monitor is not None:
             self.monitor.stop()
         if self.db is not None:

@@ -189,7 +189,7 @@ async def _parse(request: Request) -> InferRequest:
     """The JSON body whatever its Content-Type (tritonclient does not always send one)."""
     try:
         return InferRequest.model_validate(json.loads(await request.body()))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from e
     except ValidationError as e:
         err = e.errors()[0]
