@@ -138,7 +138,8 @@ class Runtime:
             self.db = Database(s.database_url)
             revision = self.db.upgrade()
             log.info("registry %s at schema revision %s", self.db.dialect, revision)
-            self.db.bootstrap(s.bootstrap_key_path)
+            admin = s.admin_key.get_secret_value() if s.admin_key is not None else None
+            self.db.bootstrap(s.bootstrap_key_path, admin)
             self.store = open_store(s.store_url)
 
             t0 = time.perf_counter()

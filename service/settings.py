@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     store_url: str | None = Field(
         None,
         description="Where artifacts are published; default file://<data_dir>/artifacts.",
+    )
+
+    admin_key: SecretStr | None = Field(
+        None,
+        min_length=24,
+        description="Admin key of tenant `default`, created on first start with an empty "
+        "registry (e.g. from a Kubernetes Secret). Unset: a random key is written to "
+        "<data_dir>/bootstrap-key instead.",
     )
 
     # --- model ---------------------------------------------------------------------------------

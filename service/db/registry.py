@@ -120,18 +120,19 @@ class Database:
 
     # --- bootstrap -----------------------------------------------------------------------------
 
-    def bootstrap(self, key_path: Path) -> BootstrapResult | None:
+    def bootstrap(self, key_path: Path, admin_key: str | None = None) -> BootstrapResult | None:
         """On an empty registry, create tenant `default` and an admin key written to `key_path`.
 
         The key file is created with mode 0600 before the key is committed, so a crash leaves
         either no tenant (bootstrap runs again) or a tenant whose key is on disk. The key itself is
-        never logged. Returns None when the registry already has tenants.
+        never logged. With `admin_key` (the operator's own secret) that key is used and no file is
+        written. Returns None when the registry already has tenants.
         """
         with self.session() as s:
             if s.scalar(select(Tenant.id).limit(1)) is not None:
                 return None
             tenant = Tenant(id=new_id("tn"), name="default")
-            key = generate_key()
+            key = admin_key or generate_key()
             api_key = ApiKey(
                 id=new_id("key"),
                 tenant_id=tenant.id,
@@ -143,8 +144,16 @@ class Database:
             s.flush()
             s.add(api_key)
             s.flush()
-            write_secret(key_path, key)
-        log.info("bootstrap: created tenant 'default' and an admin key, written to %s", key_path)
+            if admin_key is None:
+                write_secret(key_path, key)
+        if admin_key is None:
+            log.info(
+                "bootstrap: created tenant 'default' and an admin key, written to %s", key_path
+            )
+        else:
+            log.info(
+                "bootstrap: created tenant 'default' with the admin key from LORADOCK_ADMIN_KEY"
+            )
         return BootstrapResult(tenant_id=tenant.id, key_id=api_key.id, key_path=key_path)
 
 

@@ -227,3 +227,16 @@ def test_openapi_lists_the_routes(app_client):
     paths = app_client.get("/openapi.json").json()["paths"]
     for path in ("/healthz", "/readyz", "/metrics", "/v1/tenants", "/v1/keys/{key_id}"):
         assert path in paths
+
+
+def test_admin_key_from_settings_is_the_bootstrap_key(tmp_path, tiny_bert_dir, metrics):
+    key = "k8s-secret-admin-key-abcdefghijklmnop"
+    settings = Settings(data_dir=tmp_path / "d", base_model=tiny_bert_dir, admin_key=key)
+    assert key not in str(settings.public())  # never shown in logs or settings dumps
+    app = create_app(settings, metrics=metrics)
+    with TestClient(app) as client:
+        assert app.state.runtime.wait_until_settled(60) is Phase.READY
+        ok = client.get("/v1/tenants", headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+        assert_problem(client.get("/v1/tenants", headers={"Authorization": "Bearer nope"}), 401)
+    assert not (tmp_path / "d" / "bootstrap-key").exists()

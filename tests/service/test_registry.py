@@ -92,3 +92,12 @@ def test_failed_transaction_rolls_back(db):
         add_then_fail()
     with db.session() as s:
         assert s.get(Tenant, "tn_r") is None
+
+
+def test_bootstrap_with_the_operators_admin_key_writes_no_file(db, tmp_path):
+    key_path = tmp_path / "bootstrap-key"
+    given = "ops-provided-admin-key-0123456789"
+    assert db.bootstrap(key_path, given) is not None
+    assert not key_path.exists()  # the operator's secret never lands on the data volume
+    with db.session() as s:
+        assert s.scalars(select(ApiKey)).one().key_hash == hash_key(given)
