@@ -54,6 +54,7 @@ def create_app(
                 max_batch=s.max_batch_rows,
                 max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue_rows,
+                max_queue_wait_ms=s.max_queue_wait_ms,
                 metrics=runtime.metrics,
             )
             batcher.start()

@@ -3,7 +3,13 @@
 Requests queue up; one runner takes up to `max_batch` rows, waiting at most `max_wait_ms` after
 the first row arrived for more to join, sorts the rows by length into buckets (less padding), runs
 each bucket as one mixed-adapter forward pass in a worker thread, and hands every request its rows
-back in order. A full queue answers 429 at once instead of growing latency without bound.
+back in order.
+
+Overload is shed at the door, not by letting latency grow: a request is refused with 429 (and a
+Retry-After of the expected drain time) when the queue holds `max_queue` rows, or when the rows
+ahead of it would take longer than `max_queue_wait_ms` at the throughput measured on recent batches.
+Accepted requests therefore wait at most about that long. Requests whose client went away before
+their batch ran are dropped from the queue instead of being computed for nobody.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -50,6 +57,7 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
+        max_queue_wait_ms: float = 0.0,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
@@ -57,6 +65,10 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queue_wait = max_queue_wait_ms / 1000.0  # 0 = no wait-based shedding
+        # Throughput of recent batches: decayed sums of rows and of seconds spent computing them.
+        self._recent_rows = 0.0
+        self._recent_seconds = 0.0
         self.stats = BatchStats()
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
@@ -79,6 +91,22 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    @property
+    def rows_per_second(self) -> float | None:
+        """Measured throughput of recent batches (None before the first batch)."""
+        if self._recent_seconds <= 0:
+            return None
+        return self._recent_rows / self._recent_seconds
+
+    def expected_wait(self, extra_rows: int = 0) -> float | None:
+        """Seconds until the queued rows (plus `extra_rows`) have run, at the measured rate."""
+        rate = self.rows_per_second
+        return None if rate is None else (self._queued_rows + extra_rows) / rate
+
+    def _retry_after(self) -> int:
+        wait = self.expected_wait() or 0.0
+        return max(1, math.ceil(wait))
+
     async def submit(self, resident: Resident, texts: Sequence[str]) -> list[RowResult]:
         if self._closed:
             raise NotReady("the server is shutting down")
@@ -86,7 +114,15 @@ class MicroBatcher:
             raise TooManyRequests(
                 f"the predict queue holds {self._queued_rows} rows, the limit is "
                 f"{self.max_queue} (setting LORADOCK_MAX_QUEUE_ROWS); retry shortly",
-                retry_after=1,
+                retry_after=self._retry_after(),
+            )
+        wait = self.expected_wait(len(texts)) if self.max_queue_wait > 0 and self._queue else None
+        if wait is not None and wait > self.max_queue_wait:
+            raise TooManyRequests(
+                f"the server is at capacity: {self._queued_rows} rows are waiting, about "
+                f"{wait:.1f} s of work, more than the {self.max_queue_wait:.1f} s allowed "
+                "(setting LORADOCK_MAX_QUEUE_WAIT_MS); retry later",
+                retry_after=self._retry_after(),
             )
         future: asyncio.Future[list[RowResult]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(resident, list(texts), future))
@@ -128,6 +164,10 @@ class MicroBatcher:
         rows = 0
         while self._queue:
             nxt = self._queue[0]
+            if nxt.future.done():  # the client went away (request cancelled): skip its rows
+                self._queue.popleft()
+                self._queued_rows -= len(nxt.texts)
+                continue
             if taken and rows + len(nxt.texts) > self.max_batch:
                 break
             taken.append(self._queue.popleft())
@@ -172,6 +212,11 @@ class MicroBatcher:
             self.stats.batches += 1
             self.stats.rows += len(bucket)
             self.stats.largest = max(self.stats.largest, len(bucket))
+        self._observe_throughput(len(rows), time.perf_counter() - now)
         for p in taken:
             if not p.future.done():
                 p.future.set_result([r for r in results[id(p)] if r is not None])
+
+    def _observe_throughput(self, rows: int, seconds: float, decay: float = 0.8) -> None:
+        self._recent_rows = self._recent_rows * decay + rows
+        self._recent_seconds = self._recent_seconds * decay + seconds

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(
         1024, ge=1, description="Rows waiting for a batch before predict answers 429."
     )
+    max_queue_wait_ms: float = Field(
+        2000.0,
+        ge=0,
+        description="Predict answers 429 when the rows ahead of it would take longer than this "
+        "at the measured throughput (0 = only the row limit): accepted requests stay fast.",
+    )
     predict_rate_per_tenant: float = Field(
         0.0, ge=0, description="Average predict requests per second per tenant (0 = no limit)."
     )

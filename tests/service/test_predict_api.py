@@ -158,8 +158,38 @@ def test_full_queue_is_429_with_retry_after(app_client):
     app_client.app.state.runtime.serving.batcher.max_queue = 2
     resp = predict(app_client, "tickets", TEXTS)
     assert_problem(resp, 429, "LORADOCK_MAX_QUEUE_ROWS")
-    assert resp.headers["retry-after"] == "1"
+    assert int(resp.headers["retry-after"]) >= 1
     app_client.app.state.runtime.serving.batcher.max_queue = 1024
+    assert predict(app_client, "tickets", TEXTS).status_code == 200
+
+
+def test_requests_that_would_wait_too_long_are_shed(app_client):
+    trained(app_client)
+    batcher = app_client.app.state.runtime.serving.batcher
+    assert predict(app_client, "tickets", TEXTS).status_code == 200
+    assert batcher.rows_per_second is not None
+    assert batcher.rows_per_second > 0
+    batcher.max_wait = 0.3  # rows pile up while the first batch waits for company
+    batcher.max_queue_wait = 1e-6  # any wait behind another request is too long
+    statuses, bodies = [], []
+
+    def call():
+        r = predict(app_client, "tickets", TEXTS)
+        statuses.append(r.status_code)
+        bodies.append(r)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses.count(200) >= 1  # the request at the head of the queue always runs
+    shed = [r for r in bodies if r.status_code == 429]
+    assert shed
+    for r in shed:
+        assert_problem(r, 429, "LORADOCK_MAX_QUEUE_WAIT_MS")
+        assert int(r.headers["retry-after"]) >= 1
+    batcher.max_wait, batcher.max_queue_wait = 0.005, 2.0
     assert predict(app_client, "tickets", TEXTS).status_code == 200
 
 
