@@ -3,6 +3,9 @@
 A version is a directory `<tenant>/<adapter_id>/v<N>/` of safetensors and JSON files plus a
 `manifest.json` with the sha256 of every other file. The manifest is written last: a version without
 a valid manifest does not exist. Only safetensors and JSON are ever stored or loaded (no pickle).
+
+Stores: LocalStore (a directory) here, S3Store (S3-compatible, `s3://`) in s3store, imported only
+when a URL asks for it. `open_store(url)` picks one.
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_publish(key: str, files: Mapping[str, bytes]) -> list[str]:
+    """Refuse what no store may publish: no files, unsafe names, non-JSON/safetensors files."""
+    if not files:
+        raise StoreError(f"refusing to publish {key!r} with no files")
+    for name in files:
+        validate_filename(name)
+    return validate_key(key)
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
@@ -111,6 +123,13 @@ class Manifest:
         return cls(
             key=key, files=entries, created_at=datetime.now(UTC).isoformat(), meta=dict(meta)
         )
+
+
+def verify_file(key: str, name: str, entry: FileEntry, data: bytes) -> bytes:
+    """`data` if it matches its manifest entry, else ArtifactCorrupt."""
+    if len(data) != entry.size or sha256_hex(data) != entry.sha256:
+        raise ArtifactCorrupt(f"artifact {key!r} file {name!r} does not match its manifest")
+    return data
 
 
 class ArtifactStore(Protocol):
@@ -182,11 +201,7 @@ class LocalStore:
     def publish(
         self, key: str, files: Mapping[str, bytes], meta: Mapping[str, object] | None = None
     ) -> Manifest:
-        if not files:
-            raise StoreError(f"refusing to publish {key!r} with no files")
-        for name in files:
-            validate_filename(name)
-        final = self._path(key)
+        final = self.root.joinpath(*check_publish(key, files))
         if final.exists():
             raise ArtifactExists(f"artifact {key!r} already exists")
         manifest = Manifest.build(key, files, meta or {})
@@ -229,9 +244,7 @@ class LocalStore:
             data = (self._path(key) / name).read_bytes()
         except FileNotFoundError as e:
             raise ArtifactCorrupt(f"artifact {key!r} is missing its file {name!r}") from e
-        if len(data) != entry.size or sha256_hex(data) != entry.sha256:
-            raise ArtifactCorrupt(f"artifact {key!r} file {name!r} does not match its manifest")
-        return data
+        return verify_file(key, name, entry, data)
 
     def exists(self, key: str) -> bool:
         try:
@@ -267,13 +280,27 @@ class LocalStore:
 
 
 def open_store(url: str) -> ArtifactStore:
-    """Open the store a URL names: `file:///path` or a plain path for a local directory."""
+    """Open the store a URL names.
+
+    - `file:///path` or a plain path: a local directory (LocalStore).
+    - `s3://bucket[/prefix]`: an S3-compatible bucket (S3Store, needs s3fs). Credentials, region
+      and endpoint come from the standard AWS settings (`AWS_ACCESS_KEY_ID`, ...,
+      `AWS_ENDPOINT_URL_S3`); `?endpoint_url=...&region=...&conditional_writes=false` may be
+      given on the URL instead.
+    """
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StoreError(f"file store URL {url!r} must not name a host")
         return LocalStore(path)
+    if parsed.scheme == "s3":
+        try:
+            from loradock.adapters.s3store import S3Store  # lazy: imports s3fs
+        except ImportError as e:  # pragma: no cover - depends on the installation
+            raise StoreError(f"s3:// store URLs need s3fs installed: {e}") from e
+        return S3Store.from_url(url)
     raise StoreError(
-        f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; supported: file:// or a path"
+        f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; "
+        "supported: file://, s3:// or a path"
     )
