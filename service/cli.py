@@ -1,4 +1,10 @@
-"""The `loradock` command. `loradock serve` runs the server; every setting is also an option."""
+"""The `loradock` command. `loradock serve` runs the server; every setting is also an option.
+
+Every other command (adapters, predict, jobs, ...) belongs to the Python client's CLI
+(`loradock_client.cli`, distribution loradock-client in clients/python): one `loradock` command.
+The server's heavy modules (torch, the app) are imported only by `serve`, so client commands start
+fast.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,21 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import uvicorn
 from pydantic import ValidationError
 
-from loradock.adapters.base import BaseModelError, check_model_dir
-from loradock.adapters.device import DeviceError, resolve_device, resolve_dtype
-from loradock.service.app import create_app
-from loradock.service.runtime import Runtime
 from loradock.service.settings import Settings
+
+if TYPE_CHECKING:
+    from loradock.service.runtime import Runtime
 
 log = logging.getLogger("loradock")
 
 EXIT_CONFIG = 2  # bad settings or base model path: fixed by the operator, not by a restart
 EXIT_START = 1  # start-up failed after the server began (e.g. the model failed to load)
+CLIENT_INSTALL = "pip install ./clients/python"
 
 
 class DrainingServer(uvicorn.Server):
@@ -87,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loradock",
         description="Serve and train many LoRA adapters on one frozen base model.",
+        epilog="The client commands (adapters, predict, jobs, monitoring, versions, tenants, "
+        f"keys) come with the Python client: {CLIENT_INSTALL}",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
@@ -105,11 +113,16 @@ def load_settings(overrides: dict[str, Any]) -> Settings:
 
 def preflight(settings: Settings) -> None:
     """Checks that fail fast, before the port is bound: model directory, device and dtype."""
+    from loradock.adapters.base import check_model_dir
+    from loradock.adapters.device import resolve_device, resolve_dtype
+
     check_model_dir(settings.resolved_base_model())
     resolve_dtype(settings.dtype, resolve_device(settings.device))
 
 
 def serve(settings: Settings) -> int:
+    from loradock.service.app import create_app
+
     fatal: list[BaseException] = []
     server: DrainingServer | None = None
 
@@ -138,8 +151,32 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def client_main(argv: list[str]) -> int | None:
+    """Run a client command through loradock_client.cli; None: not installed, the server's own
+    usage applies (no command, --help)."""
+    try:
+        from loradock_client.cli import main as run_client
+    except ModuleNotFoundError as e:
+        if e.name != "loradock_client" and not (e.name or "").startswith("loradock_client."):
+            raise
+        if not argv or argv[0] in ("-h", "--help"):
+            return None
+        print(
+            f"loradock: {argv[0]!r} is a client command and the Python client is not installed; "
+            f"install it with: {CLIENT_INSTALL}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return run_client(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] != ["serve"]:
+        code = client_main(args_list)
+        if code is not None:
+            return code
+    args = build_parser().parse_args(args_list)
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         settings = load_settings(overrides)
@@ -155,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
+        from loradock.adapters.base import BaseModelError
+        from loradock.adapters.device import DeviceError
+
         try:
             preflight(settings)
         except (BaseModelError, DeviceError) as e:

@@ -40,7 +40,7 @@ def test_ruff_lint_and_format_are_clean():
 
 
 def test_mypy_is_clean_on_the_packages():
-    assert_tool_passes("mypy", "adapters", "service")
+    assert_tool_passes("mypy", "adapters", "service", "clients/python/loradock_client")
 
 
 def test_every_package_directory_is_installed():

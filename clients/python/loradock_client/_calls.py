@@ -1,0 +1,240 @@
+"""Every API request as a `Call` (path, body, answer parser), shared by Client and AsyncClient."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from loradock_client._transport import Call
+from loradock_client.models import (
+    Adapter,
+    FeedbackResult,
+    Job,
+    Key,
+    MonitoringReport,
+    PredictionResult,
+    Tenant,
+    TrainingResult,
+    Version,
+)
+
+M = TypeVar("M", bound=BaseModel)
+Rows = Sequence[Mapping[str, Any]]
+PathArg = str | os.PathLike[str]
+FeedbackItems = Sequence[Mapping[str, Any] | tuple[str, str | float]]
+
+
+def seg(part: str | int) -> str:
+    """One path segment, percent-encoded."""
+    return quote(str(part), safe="")
+
+
+def one(cls: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda r: cls.model_validate(r.json())
+
+
+def many(cls: type[M], key: str) -> Callable[[httpx.Response], list[M]]:
+    return lambda r: [cls.model_validate(item) for item in r.json()[key]]
+
+
+def nothing(_: httpx.Response) -> None:
+    return None
+
+
+def raw(r: httpx.Response) -> httpx.Response:
+    return r
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def _jsonl(rows: Rows) -> bytes:
+    return "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def _upload(path: PathArg) -> tuple[str, bytes, str]:
+    p = Path(path)
+    kind = "text/csv" if p.suffix.lower() == ".csv" else "application/x-ndjson"
+    return p.name, p.read_bytes(), kind
+
+
+def training_call(
+    path: str,
+    *,
+    training_data: Rows | None,
+    training_file: PathArg | None,
+    validation_data: Rows | None,
+    validation_file: PathArg | None,
+    validation_split: float | None,
+    hyperparameters: Mapping[str, Any] | None,
+    promote: str | None,
+    fields: Mapping[str, str],
+) -> Call[TrainingResult]:
+    """POST of a create/retrain body: JSON when every dataset is rows in memory, else multipart
+    with the files (rows given alongside a file are sent as a JSONL file)."""
+    if (training_data is None) == (training_file is None):
+        raise TypeError("pass exactly one of training_data (rows) or training_file (a path)")
+    if validation_data is not None and validation_file is not None:
+        raise TypeError("pass at most one of validation_data or validation_file")
+    parse = one(TrainingResult)
+    if training_file is None and validation_file is None:
+        body: dict[str, Any] = {**fields, "training_data": [dict(r) for r in training_data or []]}
+        if validation_data is not None:
+            body["validation_data"] = [dict(r) for r in validation_data]
+        if validation_split is not None:
+            body["validation_split"] = validation_split
+        if hyperparameters:
+            body["hyperparameters"] = dict(hyperparameters)
+        if promote is not None:
+            body["promote"] = promote
+        return Call("POST", path, parse, json=body)
+    files = {
+        "training_file": _upload(training_file)
+        if training_file is not None
+        else ("training.jsonl", _jsonl(training_data or []), "application/x-ndjson")
+    }
+    if validation_file is not None:
+        files["validation_file"] = _upload(validation_file)
+    elif validation_data is not None:
+        files["validation_file"] = (
+            "validation.jsonl",
+            _jsonl(validation_data),
+            "application/x-ndjson",
+        )
+    data = dict(fields)
+    if validation_split is not None:
+        data["validation_split"] = str(validation_split)
+    if hyperparameters:
+        data["hyperparameters"] = json.dumps(dict(hyperparameters))
+    if promote is not None:
+        data["promote"] = promote
+    return Call("POST", path, parse, files=files, data=data)
+
+
+# --- adapters and versions ------------------------------------------------------------------------
+
+
+def list_adapters() -> Call[list[Adapter]]:
+    return Call("GET", "/v1/adapters", many(Adapter, "adapters"))
+
+
+def get_adapter(adapter: str) -> Call[Adapter]:
+    return Call("GET", f"/v1/adapters/{seg(adapter)}", one(Adapter))
+
+
+def delete_adapter(adapter: str) -> Call[None]:
+    return Call("DELETE", f"/v1/adapters/{seg(adapter)}", nothing)
+
+
+def get_version(adapter: str, version: int) -> Call[Version]:
+    return Call("GET", f"/v1/adapters/{seg(adapter)}/versions/{seg(version)}", one(Version))
+
+
+def promote_version(adapter: str, version: int) -> Call[Adapter]:
+    path = f"/v1/adapters/{seg(adapter)}/versions/{seg(version)}/promote"
+    return Call("POST", path, one(Adapter))
+
+
+def predict(
+    adapter: str, texts: str | Sequence[str], version: int | None
+) -> Call[PredictionResult]:
+    inputs = [texts] if isinstance(texts, str) else list(texts)
+    body = {"inputs": inputs, "version": version}
+    return Call("POST", f"/v1/adapters/{seg(adapter)}/predict", one(PredictionResult), json=body)
+
+
+def feedback(adapter: str, items: FeedbackItems) -> Call[FeedbackResult]:
+    rows = []
+    for item in items:
+        if isinstance(item, tuple):
+            text, label = item
+            rows.append({"text": text, "label": label})
+        else:
+            rows.append({"text": item["text"], "label": item["label"]})
+    path = f"/v1/adapters/{seg(adapter)}/feedback"
+    return Call("POST", path, one(FeedbackResult), json={"items": rows})
+
+
+def monitoring(adapter: str) -> Call[MonitoringReport]:
+    return Call("GET", f"/v1/adapters/{seg(adapter)}/monitoring", one(MonitoringReport))
+
+
+def download(adapter: str, version: int | None) -> Call[httpx.Response]:
+    path = f"/v1/adapters/{seg(adapter)}/download"
+    return Call("GET", path, raw, params={"version": version}, extra_headers={"Accept": "*/*"})
+
+
+def import_adapter(path: PathArg, name: str | None) -> Call[Adapter]:
+    p = Path(path)
+    data = {"name": name} if name else {}
+    files = {"file": (p.name, p.read_bytes(), "application/zip")}
+    return Call("POST", "/v1/adapters/import", one(Adapter), files=files, data=data)
+
+
+_FILENAME = re.compile(r'filename="?([^";]+)"?')
+
+
+def download_target(
+    response: httpx.Response, adapter: str, version: int | None, path: PathArg | None
+) -> Path:
+    """Where a download goes: `path` if it names a file, else the server's filename in `path`
+    (a directory, default the current one)."""
+    match = _FILENAME.search(response.headers.get("content-disposition", ""))
+    name = Path(match.group(1)).name if match else f"{adapter}-v{version or 'live'}.zip"
+    target = Path(path) if path is not None else Path.cwd()
+    return target / name if target.is_dir() else target
+
+
+def write_file(target: Path, content: bytes) -> None:
+    """Write through a temporary file and a rename: no half-written zip is left behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(content)
+    os.replace(partial, target)
+
+
+# --- jobs, tenants, keys --------------------------------------------------------------------------
+
+
+def list_jobs(adapter: str | None) -> Call[list[Job]]:
+    return Call("GET", "/v1/jobs", many(Job, "jobs"), params={"adapter": adapter})
+
+
+def get_job(job_id: str) -> Call[Job]:
+    return Call("GET", f"/v1/jobs/{seg(job_id)}", one(Job))
+
+
+def cancel_job(job_id: str) -> Call[Job]:
+    return Call("POST", f"/v1/jobs/{seg(job_id)}/cancel", one(Job))
+
+
+def job_events(job_id: str) -> Call[httpx.Response]:
+    path = f"/v1/jobs/{seg(job_id)}/events"
+    return Call("GET", path, raw, extra_headers={"Accept": "text/event-stream"})
+
+
+def create_tenant(name: str) -> Call[Tenant]:
+    return Call("POST", "/v1/tenants", one(Tenant), json={"name": name})
+
+
+def list_tenants() -> Call[list[Tenant]]:
+    return Call("GET", "/v1/tenants", many(Tenant, "tenants"))
+
+
+def create_key(tenant_id: str, scopes: Sequence[str]) -> Call[Key]:
+    if isinstance(scopes, str):
+        scopes = [scopes]
+    path = f"/v1/tenants/{seg(tenant_id)}/keys"
+    return Call("POST", path, one(Key), json={"scopes": list(scopes)})
+
+
+def revoke_key(key_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/keys/{seg(key_id)}", nothing)

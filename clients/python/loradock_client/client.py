@@ -1,0 +1,373 @@
+"""The synchronous client: `Client(url, api_key)` with resources adapters, versions, jobs, ..."""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from loradock_client import _calls
+from loradock_client._calls import FeedbackItems, PathArg, Rows, seg, write_file
+from loradock_client._transport import (
+    DEFAULT_TIMEOUT,
+    Call,
+    RetryEvent,
+    RetryHook,
+    RetryPolicy,
+    connection_failed,
+    decode_sse,
+    default_headers,
+    describe_error,
+    log_retry,
+    make_timeout,
+    resolve_api_key,
+    resolve_url,
+    retry_delay,
+    stream_timeout,
+)
+from loradock_client.errors import StreamInterrupted
+from loradock_client.models import (
+    Adapter,
+    FeedbackResult,
+    Job,
+    JobEvent,
+    Key,
+    MonitoringReport,
+    PredictionResult,
+    Promote,
+    Task,
+    Tenant,
+    TrainingResult,
+    Version,
+)
+from loradock_client.progress import EventHook, JobWatch, ProgressDisplay, make_display
+from loradock_client.watching import finish_training, reconnect_delay, watch_result
+
+T = TypeVar("T")
+
+
+class Client:
+    """A connection to one loradock server.
+
+    `url` defaults to $LORADOCK_URL, then http://127.0.0.1:8000; `api_key` to $LORADOCK_API_KEY.
+    `timeout` (seconds or an httpx.Timeout) applies to every request except event streams, which
+    have no read timeout. Failed requests are retried as `retry` says (see RetryPolicy); every
+    retry is logged on the `loradock_client` logger and passed to `on_retry`. Errors are raised
+    as the typed exceptions of `loradock_client.errors`. Use as a context manager, or `close()`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        on_retry: RetryHook | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = resolve_url(url)
+        self.api_key = resolve_api_key(api_key)
+        self.timeout = make_timeout(timeout)
+        self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={**default_headers(self.api_key), **(headers or {})},
+            timeout=self.timeout,
+            transport=transport,
+        )
+        self.adapters = Adapters(self)
+        self.versions = Versions(self)
+        self.jobs = Jobs(self)
+        self.tenants = Tenants(self)
+        self.keys = Keys(self)
+
+    def predict(
+        self, adapter: str, texts: str | Sequence[str], version: int | None = None
+    ) -> PredictionResult:
+        """Same as `adapters.predict`."""
+        return self.adapters.predict(adapter, texts, version=version)
+
+    def health(self) -> bool:
+        """True when the server process answers /healthz (no retries)."""
+        try:
+            return self._http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def ready(self) -> bool:
+        """True when /readyz says the base model is loaded and the server serves (no retries)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def _call(self, call: Call[T]) -> T:
+        response = self._send(call)
+        try:
+            return call.parse(response)
+        finally:
+            response.close()
+
+    def _send(self, call: Call[Any], *, stream: bool = False) -> httpx.Response:
+        """Send with retries; a success comes back (unread when `stream`), an error is raised."""
+        timeout = stream_timeout(self.timeout) if stream else self.timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            request = self._http.build_request(
+                call.method, call.path, timeout=timeout, **call.request_kwargs()
+            )
+            url = str(request.url)
+            try:
+                response = self._http.send(request, stream=stream)
+                if not response.is_success and stream:
+                    response.read()
+                    response.close()
+            except httpx.TransportError as exc:
+                delay = self.retry.delay_after_error(call.method, exc, attempt)
+                if delay is None:
+                    raise connection_failed(call.method, url, exc, attempt) from exc
+                self._pause(RetryEvent(call.method, url, attempt, delay, describe_error(exc)))
+                continue
+            if response.is_success:
+                return response
+            delay, error = retry_delay(self.retry, call.method, response, attempt)
+            if delay is None:
+                raise error
+            reason = f"{response.status_code} {response.reason_phrase}"
+            self._pause(RetryEvent(call.method, url, attempt, delay, reason, response.status_code))
+
+    def _pause(self, event: RetryEvent) -> None:
+        log_retry(event, self.on_retry)
+        time.sleep(event.delay)
+
+
+class _Resource:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+
+class Adapters(_Resource):
+    """Adapters: train (create, retrain), read, predict, feedback, monitoring, move, delete."""
+
+    def create(
+        self,
+        name: str,
+        task: Task = "classification",
+        *,
+        training_data: Rows | None = None,
+        training_file: PathArg | None = None,
+        validation_data: Rows | None = None,
+        validation_file: PathArg | None = None,
+        validation_split: float | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        promote: Promote = "if_better",
+        wait: bool = True,
+        progress: bool | ProgressDisplay | None = None,
+        on_event: EventHook | None = None,
+    ) -> TrainingResult:
+        """Create an adapter and train its version 1 from rows (`{"text", "label", "group"?}`)
+        or a JSONL/CSV file. With `wait`, follow the job (a progress bar on stderr when it is a
+        terminal, or as `progress` says) and return the trained adapter; a failed or cancelled
+        job raises TrainingFailed. Without, return at once with the queued job."""
+        call = _calls.training_call(
+            "/v1/adapters",
+            training_data=training_data,
+            training_file=training_file,
+            validation_data=validation_data,
+            validation_file=validation_file,
+            validation_split=validation_split,
+            hyperparameters=hyperparameters,
+            promote=promote,
+            fields={"name": name, "task": task},
+        )
+        return self._finish(self._client._call(call), wait, progress, on_event)
+
+    def retrain(
+        self,
+        adapter: str,
+        *,
+        training_data: Rows | None = None,
+        training_file: PathArg | None = None,
+        validation_data: Rows | None = None,
+        validation_file: PathArg | None = None,
+        validation_split: float | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        promote: Promote = "if_better",
+        wait: bool = True,
+        progress: bool | ProgressDisplay | None = None,
+        on_event: EventHook | None = None,
+    ) -> TrainingResult:
+        """Train the next version of `adapter` (id or name); like `create` otherwise."""
+        call = _calls.training_call(
+            f"/v1/adapters/{seg(adapter)}/versions",
+            training_data=training_data,
+            training_file=training_file,
+            validation_data=validation_data,
+            validation_file=validation_file,
+            validation_split=validation_split,
+            hyperparameters=hyperparameters,
+            promote=promote,
+            fields={},
+        )
+        return self._finish(self._client._call(call), wait, progress, on_event)
+
+    def _finish(
+        self,
+        started: TrainingResult,
+        wait: bool,
+        progress: bool | ProgressDisplay | None,
+        on_event: EventHook | None,
+    ) -> TrainingResult:
+        if not wait:
+            return started
+        job = self._client.jobs.watch(started.job.id, progress=progress, on_event=on_event)
+        return finish_training(self.get(started.adapter.id), job)
+
+    def list(self) -> builtins.list[Adapter]:
+        return self._client._call(_calls.list_adapters())
+
+    def get(self, adapter: str) -> Adapter:
+        return self._client._call(_calls.get_adapter(adapter))
+
+    def delete(self, adapter: str) -> None:
+        self._client._call(_calls.delete_adapter(adapter))
+
+    def predict(
+        self, adapter: str, texts: str | Sequence[str], version: int | None = None
+    ) -> PredictionResult:
+        """Predict with the live version (or `version`); predictions come in input order."""
+        return self._client._call(_calls.predict(adapter, texts, version))
+
+    def feedback(self, adapter: str, items: FeedbackItems) -> FeedbackResult:
+        """True labels for texts (dicts `{"text","label"}` or `(text, label)` pairs)."""
+        return self._client._call(_calls.feedback(adapter, items))
+
+    def monitoring(self, adapter: str) -> MonitoringReport:
+        return self._client._call(_calls.monitoring(adapter))
+
+    def download(
+        self, adapter: str, version: int | None = None, path: PathArg | None = None
+    ) -> Path:
+        """Save a version's zip (default: the live one) to `path`: a file, or a directory where
+        it takes the server's filename (default: the current directory). Returns the file."""
+        response = self._client._call(_calls.download(adapter, version))
+        target = _calls.download_target(response, adapter, version, path)
+        write_file(target, response.content)
+        return target
+
+    def import_(self, path: PathArg, name: str | None = None) -> Adapter:
+        """Upload an adapter zip (as `download` writes it); `name` renames it, when given."""
+        return self._client._call(_calls.import_adapter(path, name))
+
+
+class Versions(_Resource):
+    def get(self, adapter: str, version: int) -> Version:
+        return self._client._call(_calls.get_version(adapter, version))
+
+    def list(self, adapter: str) -> builtins.list[Version]:
+        return self._client.adapters.get(adapter).versions
+
+    def promote(self, adapter: str, version: int) -> Adapter:
+        """Make a ready version live (also how to roll back); returns the adapter."""
+        return self._client._call(_calls.promote_version(adapter, version))
+
+
+class Jobs(_Resource):
+    def get(self, job_id: str) -> Job:
+        return self._client._call(_calls.get_job(job_id))
+
+    def list(self, adapter: str | None = None) -> builtins.list[Job]:
+        return self._client._call(_calls.list_jobs(adapter))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._client._call(_calls.cancel_job(job_id))
+
+    def events(self, job_id: str) -> Iterator[JobEvent]:
+        """The job's server-sent events of one connection, until `end` (or the stream closes)."""
+        response = self._client._send(_calls.job_events(job_id), stream=True)
+        try:
+            yield from decode_sse(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise StreamInterrupted(
+                f"event stream of job {job_id} broke: {describe_error(exc)}"
+            ) from exc
+        finally:
+            response.close()
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        progress: bool | ProgressDisplay | None = None,
+        on_event: EventHook | None = None,
+    ) -> Job:
+        """Follow a job until it ends and return it. Reconnects when the stream breaks (epochs
+        are passed to `on_event` once); shows a progress bar as `progress` says (default: when
+        stderr is a terminal). The job's own failure is in the returned job's status."""
+        display = make_display(progress)
+        state = JobWatch(job_id, [display, *([on_event] if on_event else [])])
+        breaks = 0  # streams in a row that ended early without news
+        try:
+            while not state.ended:
+                news, error = False, None
+                state.new_connection()
+                try:
+                    for event in self.events(job_id):
+                        news = state.accept(event) or news
+                        if state.ended:
+                            break
+                except StreamInterrupted as exc:
+                    error = exc
+                if state.ended:
+                    break
+                breaks = 1 if news else breaks + 1
+                delay = reconnect_delay(self._client.retry, job_id, breaks, error)
+                reason = str(error) if error else "stream closed before the job ended"
+                self._client._pause(
+                    RetryEvent("GET", f"/v1/jobs/{job_id}/events", breaks, delay, reason)
+                )
+        finally:
+            display.close()
+        return watch_result(state)
+
+
+class Tenants(_Resource):
+    def create(self, name: str) -> Tenant:
+        return self._client._call(_calls.create_tenant(name))
+
+    def list(self) -> builtins.list[Tenant]:
+        return self._client._call(_calls.list_tenants())
+
+
+class Keys(_Resource):
+    def create(self, tenant_id: str, scopes: Sequence[str] = ("train", "predict")) -> Key:
+        """A new API key of the tenant; its secret `key` is in this answer only."""
+        return self._client._call(_calls.create_key(tenant_id, scopes))
+
+    def revoke(self, key_id: str) -> None:
+        self._client._call(_calls.revoke_key(key_id))

@@ -1,0 +1,337 @@
+"""The handlers of the `loradock` commands: read inputs, call the client, print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from loradock_client import render
+from loradock_client.client import Client
+from loradock_client.models import JobEvent, TrainingResult
+from loradock_client.progress import ProgressDisplay
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+Handler = Callable[[Client, argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A wrong argument or unreadable input file: exit 2 with the message."""
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready form of models, lists of models and dicts."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def emit(args: argparse.Namespace, value: Any, text: str | Callable[[], str]) -> None:
+    """Print `value` as JSON with --json, else the human text."""
+    if args.json:
+        print(json.dumps(plain(value), indent=2, default=str))
+    else:
+        print(text() if callable(text) else text)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def read_texts(path: str) -> list[str]:
+    """Texts from a file ('-' = stdin): JSONL rows with "text", a CSV with a text column, or one
+    text per line."""
+    try:
+        content = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return [str(r["text"]) for r in _jsonl_rows(content, path)]
+    if suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(content)))
+        if rows and "text" not in rows[0]:
+            raise UsageError(f"{path}: a CSV needs a 'text' column")
+        return [r["text"] for r in rows]
+    return [line for line in content.splitlines() if line.strip()]
+
+
+def read_labelled(path: str) -> list[dict[str, Any]]:
+    """Rows {"text","label"} from a JSONL or CSV file."""
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    if Path(path).suffix.lower() == ".csv":
+        rows: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(content)))
+    else:
+        rows = _jsonl_rows(content, path)
+    for n, row in enumerate(rows, 1):
+        if "text" not in row or "label" not in row:
+            raise UsageError(f"{path}: row {n} needs 'text' and 'label'")
+    return rows
+
+
+def _jsonl_rows(content: str, path: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: line {n} is not JSON: {e.msg}") from e
+        if not isinstance(row, dict) or "text" not in row:
+            raise UsageError(f'{path}: line {n} is not an object with "text"')
+        rows.append(row)
+    return rows
+
+
+def existing_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise UsageError(f"no such file: {path}")
+    return path
+
+
+def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """--hyperparameters JSON, then each --hp key=value (values read as JSON when they parse)."""
+    hp: dict[str, Any] = {}
+    if args.hyperparameters:
+        try:
+            hp = json.loads(args.hyperparameters)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--hyperparameters is not JSON: {e.msg}") from e
+        if not isinstance(hp, dict):
+            raise UsageError("--hyperparameters must be a JSON object")
+    for item in args.hp or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--hp takes key=value, got {item!r}")
+        try:
+            hp[key] = json.loads(value)
+        except json.JSONDecodeError:
+            hp[key] = value
+    return hp
+
+
+# --- training and jobs ----------------------------------------------------------------------------
+
+
+class EpochLog:
+    """Epoch lines for people; a separator where the epoch count starts again (the next
+    cross-validation fold, or the final fit on every row after the folds)."""
+
+    def __init__(self, display: ProgressDisplay) -> None:
+        self.display = display
+        self.last: float | None = None
+        self.run = 1
+        self.folds: int | None = None
+
+    def __call__(self, event: JobEvent) -> None:
+        if event.event == "progress" and event.data.get("folds"):
+            self.folds = int(event.data["folds"])
+        if event.event != "epoch":
+            return
+        epoch = event.data.get("epoch")
+        if self.last is not None and isinstance(epoch, int | float) and epoch <= self.last:
+            self.run += 1
+            if self.folds and self.folds > 1:
+                what = (
+                    f"cross-validation fold {self.run}/{self.folds}"
+                    if self.run <= self.folds
+                    else "final fit on every row"
+                )
+            else:
+                what = "training restarted"
+            self.display.echo(f"-- {what} --", sys.stdout)
+        self.last = epoch if isinstance(epoch, int | float) else self.last
+        self.display.echo(render.epoch_line(event.data), sys.stdout)
+
+
+def follow(
+    client: Client, args: argparse.Namespace, job_id: str, *, ndjson: bool = False
+) -> TrainingResult:
+    """Watch a job: epoch lines on stdout and a bar on stderr (when a terminal); with --json
+    nothing, or with `ndjson` every event as one JSON line."""
+    display = ProgressDisplay(echo_epochs=False, enabled=False if args.json else None)
+    epochs = EpochLog(display)
+
+    def on_event(event: JobEvent) -> None:
+        if args.json:
+            if ndjson:
+                line = json.dumps({"event": event.event, "data": event.data}, default=str)
+                print(line, flush=True)
+            return
+        epochs(event)
+        if event.event == "status" and event.data.get("status") in ("queued", "running"):
+            display.echo(f"job {job_id}: {event.data['status']}", sys.stdout)
+
+    job = client.jobs.watch(job_id, progress=display, on_event=on_event)
+    return TrainingResult(adapter=client.adapters.get(job.adapter_id), job=job)
+
+
+def report_training(args: argparse.Namespace, result: TrainingResult) -> int:
+    emit(args, result, result.summary)
+    return EXIT_OK if result.job.status == "succeeded" else EXIT_ERROR
+
+
+def train(client: Client, args: argparse.Namespace, adapter: str | None) -> int:
+    kw: dict[str, Any] = {
+        "training_file": existing_file(args.file),
+        "validation_file": existing_file(args.validation_file) if args.validation_file else None,
+        "validation_split": args.validation_split,
+        "hyperparameters": hyperparameters(args),
+        "promote": args.promote,
+        "wait": False,
+    }
+    if adapter is None:
+        started = client.adapters.create(args.name, args.task, **kw)
+    else:
+        started = client.adapters.retrain(adapter, **kw)
+    if args.no_wait:
+        job = started.job
+        text = f"queued job {job.id} for {started.adapter.name} version {job.version}; follow it"
+        emit(args, started, f"{text} with: loradock jobs watch {job.id}")
+        return EXIT_OK
+    if not args.json:
+        print(f"training {started.adapter.name} version {started.job.version} "
+              f"(job {started.job.id})", flush=True)  # fmt: skip
+    return report_training(args, follow(client, args, started.job.id))
+
+
+def cmd_adapters_create(client: Client, args: argparse.Namespace) -> int:
+    return train(client, args, None)
+
+
+def cmd_adapters_retrain(client: Client, args: argparse.Namespace) -> int:
+    return train(client, args, args.adapter)
+
+
+def cmd_adapters_list(client: Client, args: argparse.Namespace) -> int:
+    adapters = client.adapters.list()
+    emit(args, adapters, lambda: render.adapters_table(adapters) if adapters else "no adapters")
+    return EXIT_OK
+
+
+def cmd_adapters_show(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.adapters.get(args.adapter)
+    emit(args, adapter, lambda: render.adapter_detail(adapter))
+    return EXIT_OK
+
+
+def cmd_adapters_delete(client: Client, args: argparse.Namespace) -> int:
+    client.adapters.delete(args.adapter)
+    emit(args, {"deleted": args.adapter}, f"deleted {args.adapter}")
+    return EXIT_OK
+
+
+def cmd_adapters_download(client: Client, args: argparse.Namespace) -> int:
+    path = client.adapters.download(args.adapter, args.version, args.output)
+    emit(args, {"path": str(path)}, f"saved {path}")
+    return EXIT_OK
+
+
+def cmd_adapters_import(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.adapters.import_(existing_file(args.file), name=args.name)
+    emit(args, adapter, lambda: render.adapter_detail(adapter))
+    return EXIT_OK
+
+
+def cmd_predict(client: Client, args: argparse.Namespace) -> int:
+    texts = list(args.texts) + (read_texts(args.file) if args.file else [])
+    if not texts:
+        raise UsageError("give texts as arguments or --file FILE")
+    result = client.predict(args.adapter, texts, version=args.version)
+    emit(args, result, lambda: render.predictions_table(result, texts))
+    return EXIT_OK
+
+
+def cmd_feedback(client: Client, args: argparse.Namespace) -> int:
+    items: list[Any] = read_labelled(args.file) if args.file else []
+    items += [{"text": t, "label": label} for t, label in args.item or []]
+    if not items:
+        raise UsageError("give --file FILE or --item TEXT LABEL")
+    result = client.adapters.feedback(args.adapter, items)
+    emit(args, result, f"accepted {result.accepted} labelled items (version {result.version})")
+    return EXIT_OK
+
+
+def cmd_jobs_list(client: Client, args: argparse.Namespace) -> int:
+    jobs = client.jobs.list(adapter=args.adapter)
+    emit(args, jobs, lambda: render.jobs_table(jobs) if jobs else "no jobs")
+    return EXIT_OK
+
+
+def cmd_jobs_show(client: Client, args: argparse.Namespace) -> int:
+    job = client.jobs.get(args.job)
+    emit(args, job, lambda: render.job_detail(job))
+    return EXIT_OK
+
+
+def cmd_jobs_watch(client: Client, args: argparse.Namespace) -> int:
+    result = follow(client, args, args.job, ndjson=True)
+    if args.json:
+        return EXIT_OK if result.job.status == "succeeded" else EXIT_ERROR
+    return report_training(args, result)
+
+
+def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.jobs.cancel(args.job)
+    emit(args, job, f"job {job.id}: {job.status}, cancel requested")
+    return EXIT_OK
+
+
+def cmd_monitoring_show(client: Client, args: argparse.Namespace) -> int:
+    report = client.adapters.monitoring(args.adapter)
+    emit(args, report, lambda: render.monitoring_report(report))
+    return EXIT_OK
+
+
+def cmd_versions_show(client: Client, args: argparse.Namespace) -> int:
+    version = client.versions.get(args.adapter, args.version)
+    emit(args, version, lambda: render.version_detail(args.adapter, version))
+    return EXIT_OK
+
+
+def cmd_versions_promote(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.versions.promote(args.adapter, args.version)
+    emit(args, adapter, f"{adapter.name}: version {adapter.live_version} is live")
+    return EXIT_OK
+
+
+def cmd_tenants_create(client: Client, args: argparse.Namespace) -> int:
+    tenant = client.tenants.create(args.name)
+    emit(args, tenant, f"created tenant {tenant.name} ({tenant.id})")
+    return EXIT_OK
+
+
+def cmd_tenants_list(client: Client, args: argparse.Namespace) -> int:
+    tenants = client.tenants.list()
+    emit(args, tenants, lambda: render.tenants_table(tenants))
+    return EXIT_OK
+
+
+def cmd_keys_create(client: Client, args: argparse.Namespace) -> int:
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    key = client.keys.create(args.tenant_id, scopes)
+    emit(args, key, f"key {key.id} ({', '.join(key.scopes)}); shown once, keep it:\n{key.key}")
+    return EXIT_OK
+
+
+def cmd_keys_revoke(client: Client, args: argparse.Namespace) -> int:
+    client.keys.revoke(args.key_id)
+    emit(args, {"revoked": args.key_id}, f"revoked {args.key_id}")
+    return EXIT_OK
