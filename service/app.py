@@ -15,7 +15,7 @@ from loradock.service.api import adapters, health, jobs, monitoring, oip, predic
 from loradock.service.batcher import MicroBatcher
 from loradock.service.errors import install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
-from loradock.service.middleware import BodySizeLimitMiddleware
+from loradock.service.middleware import BodySizeLimitMiddleware, OverloadShedMiddleware
 from loradock.service.runtime import Runtime
 from loradock.service.serving import LiveVersions, Serving
 from loradock.service.settings import Settings
@@ -98,6 +98,11 @@ def create_app(
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        OverloadShedMiddleware,
+        batcher=lambda: runtime.serving.batcher if runtime.serving is not None else None,
+        metrics=runtime.metrics,
+    )
     app.add_middleware(HTTPMetricsMiddleware, metrics=runtime.metrics)
     return app
 

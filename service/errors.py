@@ -83,8 +83,10 @@ class TooManyRequests(LoradockError):
 class NotReady(LoradockError):
     status, slug, title = 503, "not-ready", "Service not ready"
 
-    def __init__(self, detail: str, *, retry_after: int = 5) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(self, detail: str, *, retry_after: int | None = 5) -> None:
+        """retry_after None: no Retry-After, waiting will not help (e.g. a failed start)."""
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        super().__init__(detail, headers=headers)
 
 
 def _is_oip(request: Request) -> bool:

@@ -1,9 +1,15 @@
 """Training jobs: persisted in the registry, run by worker threads inside the server.
 
 A job row is the source of truth. Workers claim queued jobs with a conditional UPDATE (only one
-claimer wins, on SQLite and PostgreSQL alike), train, publish the artifact atomically, then record
-the outcome and promotion in one transaction. Jobs found `running` at start-up were interrupted by
-a crash: they are re-queued, or failed once they have used up their attempts.
+claimer wins, on SQLite and PostgreSQL alike; on PostgreSQL the candidates are also row-locked with
+`FOR UPDATE SKIP LOCKED`, so replicas claiming at once take different jobs instead of colliding),
+train, publish the artifact atomically, then record the outcome and promotion in one transaction.
+
+Jobs left `running` by a dead process are re-queued, or failed once they have used up their
+attempts. A SQLite registry belongs to one process, so everything `running` at start-up is dead.
+A PostgreSQL registry is shared by replicas: there a running job is dead only when its lease ran
+out, i.e. its owner has not written `heartbeat_at` for `lease_seconds`; every replica with workers
+heartbeats its own jobs and sweeps for expired leases.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, text, update
 
 from loradock.adapters.artifacts import build_files
 from loradock.adapters.base import BaseModel
@@ -33,6 +40,8 @@ from loradock.service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# pg_try_advisory_xact_lock(class, key) namespace of the per-tenant claim locks.
+_CLAIM_LOCK_CLASS = 0x10AD
 DATASET_FILE = "dataset.json"
 
 
@@ -110,6 +119,7 @@ class JobRunner:
         gate: PriorityGate | None = None,
         on_finished: Callable[[str, str], None] | None = None,
         metrics: Metrics | None = None,
+        lease_seconds: float = 30.0,
     ) -> None:
         self.metrics = metrics
         self.db = db
@@ -121,6 +131,9 @@ class JobRunner:
         self.gate = gate or PriorityGate()
         self.on_finished = on_finished
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # Shared registry (PostgreSQL): other replicas run jobs too, so "running" needs a lease.
+        self.shared = db.dialect == "postgresql"
+        self.lease_seconds = lease_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -134,11 +147,20 @@ class JobRunner:
     def recover(self) -> tuple[int, int]:
         """Jobs left `running` by a dead process: re-queue, or fail after max_attempts.
 
-        Returns (requeued, failed).
+        SQLite (one process owns the registry): every running job, called once at start-up.
+        PostgreSQL (replicas share it): only jobs whose lease expired (no heartbeat for
+        `lease_seconds`); the rows are locked with SKIP LOCKED so concurrent sweeps of several
+        replicas never handle one job twice. Returns (requeued, failed).
         """
         requeued = failed = 0
+        query = select(Job).where(Job.status == "running").order_by(Job.id)
+        if self.shared:
+            expired = utcnow() - timedelta(seconds=self.lease_seconds)
+            query = query.where(
+                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < expired)
+            ).with_for_update(skip_locked=True)
         with self.db.session() as s:
-            for job in s.scalars(select(Job).where(Job.status == "running")).all():
+            for job in s.scalars(query).all():
                 if job.attempts >= self.max_attempts:
                     finish_failed(
                         s, job, f"interrupted {job.attempts} times (max_attempts reached)", None
@@ -150,11 +172,45 @@ class JobRunner:
                     requeued += 1
         if requeued or failed:
             log.info("recovered interrupted jobs: %d re-queued, %d failed", requeued, failed)
+            self._wake.set()
         return requeued, failed
+
+    def heartbeat(self) -> None:
+        """Renew the lease of this process's running jobs (PostgreSQL; see `recover`)."""
+        with self._lock:
+            mine = sorted(self._running)
+        if not mine:
+            return
+        with self.db.session() as s:
+            renewed = s.execute(
+                update(Job)
+                .where(Job.id.in_(mine), Job.status == "running", Job.claimed_by == self.worker_id)
+                .values(heartbeat_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+        if renewed < len(mine):  # finished just now, deleted, or (stalled) taken over elsewhere
+            log.debug("heartbeat renewed %d of %d running jobs", renewed, len(mine))
+
+    def _lease_loop(self) -> None:
+        """Heartbeat own jobs often; sweep for other replicas' expired leases less often."""
+        beat = max(self.lease_seconds / 6, 0.05)
+        sweep_every = max(self.lease_seconds / 3, beat)
+        last_sweep = time.monotonic()
+        while not self._stop.wait(beat):
+            try:
+                self.heartbeat()
+                if time.monotonic() - last_sweep >= sweep_every:
+                    last_sweep = time.monotonic()
+                    self.recover()
+            except Exception:  # the registry may be briefly unreachable: try again next beat
+                log.warning("job lease upkeep failed; retrying", exc_info=True)
 
     def start(self) -> None:
         for i in range(self.workers):
             t = threading.Thread(target=self._loop, name=f"loradock-job-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.shared and self.workers > 0:
+            t = threading.Thread(target=self._lease_loop, name="loradock-job-lease", daemon=True)
             t.start()
             self._threads.append(t)
         self._wake.set()
@@ -205,6 +261,11 @@ class JobRunner:
         Tenants already at their running limit wait; among the others the tenant whose last job
         started longest ago goes first (so a tenant with 100 queued jobs cannot starve one with 1),
         then the oldest job of that tenant. The conditional UPDATE makes a claim exclusive.
+
+        On PostgreSQL several replicas claim at once: the candidate rows are locked with
+        `FOR UPDATE SKIP LOCKED` (a replica skips the jobs another is claiming instead of waiting
+        for them or claiming them twice), and a per-tenant transaction lock plus a fresh count of
+        the tenant's running jobs keeps the cap exact across replicas too.
         """
         running = (
             select(Job.tenant_id, func.count().label("n"))
@@ -218,8 +279,8 @@ class JobRunner:
             .subquery()
         )
         with self._claim_lock, self.db.session() as s:  # exact per-tenant counts in a replica
-            candidates = s.scalars(
-                select(Job.id)
+            candidates = s.execute(
+                select(Job.id, Job.tenant_id)
                 .outerjoin(running, running.c.tenant_id == Job.tenant_id)
                 .outerjoin(last_start, last_start.c.tenant_id == Job.tenant_id)
                 .where(
@@ -233,8 +294,12 @@ class JobRunner:
                     Job.id,
                 )
                 .limit(5)
+                # Rendered on PostgreSQL only (SQLite has no row locks: one writer at a time).
+                .with_for_update(of=Job, skip_locked=True)
             ).all()
-            for job_id in candidates:
+            for job_id, tenant_id in candidates:
+                if self.shared and not self._tenant_below_cap(s, tenant_id):
+                    continue
                 claimed = s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.status == "queued")
@@ -251,6 +316,23 @@ class JobRunner:
                         self._running.add(job_id)
                     return job_id
         return None
+
+    def _tenant_below_cap(self, s: Any, tenant_id: str) -> bool:
+        """Hold the tenant's claim lock (until commit) and recount its running jobs.
+
+        Another replica claiming for the same tenant holds the lock: skip the tenant this round
+        rather than wait. Holding it, a new statement sees every claim committed before.
+        """
+        locked = s.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:tenant))"),
+            {"cls": _CLAIM_LOCK_CLASS, "tenant": tenant_id},
+        )
+        if not locked:
+            return False
+        n = s.scalar(
+            select(func.count()).where(Job.tenant_id == tenant_id, Job.status == "running")
+        )
+        return bool(n < self.max_running_per_tenant)
 
     def _run(self, job_id: str) -> None:
         with self.db.session() as s:

@@ -90,7 +90,7 @@ class Runtime:
         if self._phase is Phase.STOPPED:
             raise NotReady("the server is shutting down")
         if self._phase is Phase.FAILED:
-            raise NotReady("the server failed to start; see its log", retry_after=30)
+            raise NotReady("the server failed to start; see its log", retry_after=None)
         raise NotReady("the server is starting: the base model is loading")
 
     def serve_targets(self) -> list[str]:

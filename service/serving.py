@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loradock.adapters.artifacts import ArtifactError
@@ -15,7 +16,7 @@ from loradock.adapters.store import ArtifactNotFound, StoreError
 from loradock.service.api.lookup import find_adapter, find_version
 from loradock.service.batcher import MicroBatcher
 from loradock.service.db.registry import Database
-from loradock.service.errors import Conflict, LoradockError
+from loradock.service.errors import Conflict, LoradockError, NotFound
 from loradock.service.metrics import Metrics
 from loradock.service.monitor import Monitor
 
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 class AdapterUnavailable(LoradockError):
     status, slug, title = 503, "adapter-unavailable", "Adapter unavailable"
+
+
+class AdapterMissing(NotFound):
+    """The adapter itself is not in the registry (not merely one of its versions)."""
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,17 @@ class LiveVersions:
 
     A promotion or delete in this process invalidates the entry at once, so a response after a
     promote's acknowledgement always comes from the new version. Other replicas' changes are seen
-    within `ttl` seconds (the entries expire and the registry is read again).
+    within `ttl` seconds (the entries expire and the registry is read again). When that read finds
+    a cached adapter gone (deleted on another replica, perhaps re-created under the same name),
+    `on_gone(adapter_id)` frees what this process still holds of it (its slots, its window).
     """
 
-    def __init__(self, db: Database, ttl: float = 1.0) -> None:
+    def __init__(
+        self, db: Database, ttl: float = 1.0, on_gone: Callable[[str], None] | None = None
+    ) -> None:
         self.db = db
         self.ttl = ttl
+        self.on_gone = on_gone
         self._cache: dict[tuple[str, str], tuple[float, Target]] = {}
         self._lock = threading.Lock()
         # Bumped by every invalidation. A lookup that read the registry while an invalidation
@@ -65,22 +75,38 @@ class LiveVersions:
                 del self._cache[key]
 
     def resolve(self, tenant_id: str, ref: str, version: int | None) -> Target:
-        if version is None:
-            with self._lock:
-                hit = self._cache.get((tenant_id, ref))
-                generation = self._generation
-            if hit is not None and time.monotonic() - hit[0] < self.ttl:
-                return hit[1]
-        target = self._read(tenant_id, ref, version)
+        with self._lock:
+            hit = self._cache.get((tenant_id, ref))
+            generation = self._generation
+        if version is None and hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        try:
+            target = self._read(tenant_id, ref, version)
+        except AdapterMissing:
+            if hit is not None:
+                self._gone(hit[1].adapter_id)
+            raise
+        if hit is not None and hit[1].adapter_id != target.adapter_id:
+            self._gone(hit[1].adapter_id)
         if version is None:
             with self._lock:
                 if self._generation == generation:
                     self._cache[(tenant_id, ref)] = (time.monotonic(), target)
         return target
 
+    def _gone(self, adapter_id: str) -> None:
+        """A cached adapter no longer exists in the registry: drop it here too."""
+        self.invalidate(adapter_id)
+        if self.on_gone is not None:
+            log.info("adapter %s was deleted elsewhere: freeing it here", adapter_id)
+            self.on_gone(adapter_id)
+
     def _read(self, tenant_id: str, ref: str, version: int | None) -> Target:
         with self.db.session() as s:
-            adapter = find_adapter(s, tenant_id, ref)
+            try:
+                adapter = find_adapter(s, tenant_id, ref)
+            except NotFound as e:
+                raise AdapterMissing(e.detail) from None
             number = version if version is not None else adapter.live_version
             if number is None:
                 if adapter.status == "training":
@@ -112,6 +138,14 @@ class Serving:
         self.batcher = batcher
         self.live = live
         self.monitor = monitor
+        if live.on_gone is None:  # deletes on other replicas free this process's copy too
+            live.on_gone = self.forget
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop a deleted adapter's slots (after in-flight use) and its monitoring window."""
+        self.engine.pool.drop(adapter_id)
+        if self.monitor is not None:
+            self.monitor.forget(adapter_id)
 
     async def predict(
         self, target: Target, texts: list[str], *, observe: bool = True

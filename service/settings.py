@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     max_running_jobs_per_tenant: int = Field(
         1,
         ge=1,
-        description="Jobs of one tenant that train at the same time, per replica; the others "
-        "wait, so one tenant cannot hold every worker.",
+        description="Jobs of one tenant that train at the same time (across replicas on "
+        "PostgreSQL); the others wait, so one tenant cannot hold every worker.",
     )
 
     # --- training jobs -------------------------------------------------------------------------

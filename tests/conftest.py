@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from loradock.service.db.registry import Database
 from loradock.service.metrics import Metrics
 from loradock.service.settings import Settings
+from tests.pg import PostgresCluster, PostgresNotInstalled, create_database
 from tests.tiny_models import build_tiny_bert, build_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +61,41 @@ def app_client(settings: Settings, metrics: Metrics) -> Iterator[object]:
         client.admin_key = (settings.data_dir / "bootstrap-key").read_text().strip()  # type: ignore[attr-defined]
         client.headers["Authorization"] = f"Bearer {client.admin_key}"  # type: ignore[attr-defined]
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server on loopback for the session: URL of its `postgres` database.
+
+    Tests create their own database on it with `tests.pg.create_database(postgres_url)`. Missing
+    server binaries fail the test (CI installs them): a multi-replica feature is not skipped.
+    """
+    missing = None
+    try:
+        cluster = PostgresCluster()
+    except PostgresNotInstalled as e:
+        missing = str(e)
+    if missing is not None:
+        pytest.fail(missing, pytrace=False)
+    try:
+        cluster.start()
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty registry database on each backend: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return create_database(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A migrated registry on each backend (parametrized: sqlite, postgresql)."""
+    database = Database(db_url)
+    database.upgrade()
+    yield database
+    database.close()

@@ -28,7 +28,8 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     if runtime.error:
         body["error"] = runtime.error
     status = 200 if runtime.phase is Phase.READY else 503
-    headers = {} if status == 200 else {"Retry-After": "5"}
+    waiting_helps = runtime.phase in (Phase.STARTING, Phase.DRAINING)
+    headers = {"Retry-After": "5"} if status != 200 and waiting_helps else {}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

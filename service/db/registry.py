@@ -27,8 +27,13 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "ldk_"
 SCOPES = ("admin", "train", "predict")
-# PostgreSQL advisory lock id for migrations, so replicas starting together do not race.
+# PostgreSQL advisory lock ids for migrations and bootstrap, so replicas starting together do not
+# race (both would migrate, or both would create tenant `default` and one would fail to start).
 _MIGRATION_LOCK = 0x10AD0C
+_BOOTSTRAP_LOCK = 0x10AD0D
+# Driver-less PostgreSQL URLs (and the `postgres://` scheme many providers hand out) mean psycopg 3,
+# the driver loradock depends on; SQLAlchemy would otherwise look for psycopg2 or reject them.
+_PG_SCHEMES = ("postgres", "postgresql")
 
 
 def hash_key(key: str) -> str:
@@ -51,8 +56,19 @@ def head_revision() -> str:
     return head
 
 
+def normalize_url(url: str) -> str:
+    """`postgres://` and `postgresql://` select psycopg 3 (`postgresql+psycopg://`)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    parsed = make_url(url)
+    if parsed.drivername in _PG_SCHEMES:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the settings each backend needs for a multi-threaded server."""
+    url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -69,6 +85,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
+    # PostgreSQL: timestamps are stored as timestamptz (absolute instants); UTCDateTime converts
+    # what comes back to UTC whatever the server's or role's TimeZone setting is.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
@@ -126,9 +144,13 @@ class Database:
         The key file is created with mode 0600 before the key is committed, so a crash leaves
         either no tenant (bootstrap runs again) or a tenant whose key is on disk. The key itself is
         never logged. With `admin_key` (the operator's own secret) that key is used and no file is
-        written. Returns None when the registry already has tenants.
+        written. Returns None when the registry already has tenants. On PostgreSQL replicas may
+        start together: a transaction lock makes exactly one of them bootstrap (and write the key
+        file into its own data dir); the others find the tenant and return None.
         """
         with self.session() as s:
+            if self.dialect == "postgresql":  # replicas starting at once: one bootstraps
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _BOOTSTRAP_LOCK})
             if s.scalar(select(Tenant.id).limit(1)) is not None:
                 return None
             tenant = Tenant(id=new_id("tn"), name="default")

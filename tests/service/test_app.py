@@ -65,6 +65,11 @@ def test_failed_start_reports_and_calls_on_fatal(tmp_path, tiny_bert_dir):
         resp = client.get("/readyz")
         assert resp.status_code == 503
         assert "could not load base model" in resp.json()["error"]
+        assert "retry-after" not in resp.headers  # waiting will not fix a failed start
+        api = client.get("/v1/adapters", headers={"Authorization": "Bearer x"})
+        assert api.status_code in (401, 503)
+        if api.status_code == 503:
+            assert "retry-after" not in api.headers
     assert len(fatal) == 1
 
 

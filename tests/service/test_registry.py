@@ -8,15 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from loradock.service.db.models import Adapter, ApiKey, Base, Tenant, new_id
-from loradock.service.db.registry import Database, hash_key, head_revision
+from loradock.service.db.registry import hash_key, head_revision
 
-
-@pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'reg.db'}")
-    database.upgrade()
-    yield database
-    database.close()
+# `db` (tests/conftest.py) runs every test here on SQLite and on PostgreSQL.
 
 
 def test_upgrade_reaches_head_and_is_idempotent(db):
