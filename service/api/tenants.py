@@ -10,7 +10,7 @@ from loradock.service.api.deps import AdminDep, DatabaseDep, now
 from loradock.service.api.schemas import KeyCreate, KeyOut, TenantCreate, TenantList, TenantOut
 from loradock.service.db.models import ApiKey, Tenant, new_id
 from loradock.service.db.registry import generate_key, hash_key
-from loradock.service.errors import Conflict, NotFound
+from loradock.service.errors import Conflict, NotFound, Unprocessable
 
 router = APIRouter(prefix="/v1", tags=["tenants"])
 
@@ -34,9 +34,17 @@ def list_tenants(db: DatabaseDep, _: AdminDep) -> TenantList:
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyOut)
-def create_key(tenant_id: str, body: KeyCreate, db: DatabaseDep, _: AdminDep) -> KeyOut:
+def create_key(tenant_id: str, body: KeyCreate, db: DatabaseDep, admin: AdminDep) -> KeyOut:
+    """A key for a tenant. `admin` is the operator's scope (it reaches every tenant), so admin
+    keys are only issued inside the operator's own tenant: a customer tenant can never hold one
+    (OWASP API5, broken function-level authorization)."""
     secret = generate_key()
     scopes = sorted(set(body.scopes))
+    if "admin" in scopes and tenant_id != admin.tenant_id:
+        raise Unprocessable(
+            "scopes: 'admin' keys can only be created in the operator's own tenant "
+            f"({admin.tenant_id}); give customer tenants 'train' and/or 'predict'"
+        )
     with db.session() as s:
         if s.get(Tenant, tenant_id) is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
