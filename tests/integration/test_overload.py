@@ -54,7 +54,9 @@ def test_four_times_the_sustainable_rate_is_shed_not_queued(tmp_path):
     assert before.shed == 0  # the closed loop is what the server sustains without shedding
     # overload: excess is refused at once, with a reason to come back later
     assert over.errors == 0, over.statuses
-    assert over.saturated <= 0.02 * (over.ok + over.shed), over.statuses
+    # the surge really reached the server (arrivals the client could not even send, because
+    # 128 requests were outstanding, are reported as client_saturated, not counted here)
+    assert (over.ok + over.shed) / SECONDS > 2 * sustainable, over.statuses
     assert over.shed > over.ok  # 4x offered: most of it must be shed, not queued
     assert all(r >= 1 for r in over.retry_after)
     # the server kept working at capacity for what it accepted, and kept it fast
