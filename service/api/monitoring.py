@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import case, func, select
 
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, now, require
@@ -25,6 +25,14 @@ class FeedbackItem(BaseModel):
 
     text: str = Field(min_length=1)
     label: str | float
+
+    @field_validator("text", "label")
+    @classmethod
+    def _no_nul(cls, v: str | float) -> str | float:
+        # Stored in the registry: PostgreSQL text cannot hold NUL; no real label or text has one.
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        return v
 
 
 class FeedbackRequest(BaseModel):

@@ -82,6 +82,8 @@ def test_feedback_gives_live_accuracy(monitored):
 def test_feedback_rejects_unknown_labels(monitored):
     body = {"items": [{"text": "refund", "label": "billing"}, {"text": "x", "label": "nope"}]}
     assert_problem(monitored.post("/v1/adapters/tickets/feedback", json=body), 422, "items[1]")
+    nul = {"items": [{"text": "refund\x00", "label": "billing"}]}  # PostgreSQL text has no NUL
+    assert_problem(monitored.post("/v1/adapters/tickets/feedback", json=nul), 422, "NUL")
 
 
 def test_report_explains_training(monitored):
