@@ -97,7 +97,8 @@ async def job_events(
             if job is None:
                 yield _sse("end", {"id": job_id, "status": "deleted"})
                 return
-            if job.status != last_status:
+            ended = job.status in TERMINAL
+            if job.status != last_status and not ended:
                 last_status = job.status
                 yield _sse("status", {"id": job.id, "status": job.status})
             if len(job.history) < sent_epochs:  # a new cross-validation fold restarted it
@@ -108,7 +109,9 @@ async def job_events(
             if job.progress != last_progress:
                 last_progress = job.progress
                 yield _sse("progress", job.progress)
-            if job.status in TERMINAL:
+            if ended:  # after the last epochs and progress, so a final status is really final
+                if job.status != last_status:
+                    yield _sse("status", {"id": job.id, "status": job.status})
                 yield _sse("end", job.model_dump(mode="json"))
                 return
             if await request.is_disconnected():

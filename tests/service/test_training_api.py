@@ -203,6 +203,9 @@ def test_events_stream_until_the_job_ends(app_client):
     assert events[0] == "status"
     assert "epoch" in events
     assert events[-1] == "end"
+    # the final status comes after every epoch: a client may stop listening when it sees it
+    assert events[-2] == "status"
+    assert events.index("epoch") < len(events) - 2
 
 
 def test_retrain_promote_and_rollback(app_client):
