@@ -31,7 +31,7 @@ from loradock.adapters.artifacts import build_files
 from loradock.adapters.base import BaseModel
 from loradock.adapters.data import Dataset, Example
 from loradock.adapters.scheduling import PriorityGate
-from loradock.adapters.store import ArtifactStore, StoreError, artifact_key
+from loradock.adapters.store import ArtifactExists, ArtifactStore, StoreError, artifact_key
 from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer, TrainOutcome
 from loradock.service.db.models import Adapter, Job, Version, utcnow
 from loradock.service.db.registry import Database
@@ -404,6 +404,16 @@ class JobRunner:
             if job is not None and job.status == "running":
                 finish_failed(s, job, error, outcome)
 
+    def _still_mine(self, job_id: str) -> bool:
+        """False when another replica took the job over (our lease ran out while we trained)."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is not None and (job.status != "running" or job.claimed_by != self.worker_id):
+                log.warning("job %s: lease lost to %s; dropping this attempt", job_id,
+                            job.claimed_by)  # fmt: skip
+                return False
+        return True
+
     def _cancelled(self, job_id: str, progress: _ProgressWriter) -> bool:
         with self._lock:
             if job_id in self._cancel:
@@ -444,8 +454,21 @@ class JobRunner:
             profile_texts=profile_texts,
         )
         key = artifact_key(tenant_id, adapter_id, version)
+        if not self._still_mine(job_id):
+            return
         try:
             self.store.publish(key, files, {"job_id": job_id, "adapter_id": adapter_id})
+        except ArtifactExists:
+            # Published by an earlier attempt of this same job (a replica that lost its lease
+            # finished after all): the version is that job's result, keep it. Anything else
+            # under this key is a real conflict.
+            try:
+                owner = self.store.manifest(key).meta.get("job_id")
+            except StoreError:
+                owner = None
+            if owner != job_id:
+                self._fail(job_id, f"artifact {key} already exists from another job", outcome)
+                return
         except StoreError as e:
             self._fail(job_id, f"could not publish the artifact: {e}", outcome)
             return
@@ -458,6 +481,10 @@ class JobRunner:
             if job is None or ver is None or adapter is None:
                 # The adapter was deleted while training: the artifact must not outlive it.
                 self.store.delete(key)
+                return
+            if job.status != "running" or job.claimed_by != self.worker_id:
+                # Re-queued (lease expired) or finished elsewhere meanwhile: the owner records it.
+                log.warning("job %s: no longer ours (%s), not recording", job_id, job.status)
                 return
             ver.status = "ready"
             ver.metrics = {**outcome.metrics, "winner": outcome.winner}

@@ -227,6 +227,9 @@ def test_a_live_replicas_job_is_not_requeued_until_its_lease_expires(pg, pg_url)
         assert jobs(pg)[ids[0]].attempts == 2
         owner.heartbeat()  # the old owner cannot renew a lease it lost
         assert jobs(pg)[ids[0]].claimed_by == "starting"
+        # and if it finishes training after all, it drops its attempt instead of publishing
+        assert owner._still_mine(ids[0]) is False
+        assert other._still_mine(ids[0]) is True
     finally:
         owner.db.close()
         other.db.close()
