@@ -126,7 +126,9 @@ def test_two_replicas_share_registry_and_store(tmp_path, tiny_bert_dir, postgres
             assert r.status_code == 200, r.text
             return bool(r.json()["version"] == 2)
 
-        assert until(b_serves_v2, timeout=10) <= POLL + SLACK
+        seen = until(b_serves_v2, timeout=10)
+        print(f"\npromote on A seen by B after {seen:.2f} s (bound {POLL} s)")
+        assert seen <= POLL + SLACK
         for _ in range(5):  # and stays on it
             assert b_serves_v2()
 
@@ -139,7 +141,9 @@ def test_two_replicas_share_registry_and_store(tmp_path, tiny_bert_dir, postgres
             assert r.status_code in (200, 404), r.text
             return r.status_code == 404
 
-        assert until(b_says_404, timeout=10) <= POLL + SLACK
+        gone = until(b_says_404, timeout=10)
+        print(f"delete on A seen by B after {gone:.2f} s (bound {POLL} s)")
+        assert gone <= POLL + SLACK
         for _ in range(3):
             assert b_says_404()
             pinned = cb.post("/v1/adapters/routing/predict", json={"inputs": TEXTS, "version": 2})
