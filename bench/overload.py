@@ -21,20 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.datasets import keyword_rows
-from tests.integration.test_jobs_restart import wait_for
-from tests.loadgen import Load
+from tests.loadgen import one_adapter_load
 from tests.server import ServerProcess
-
-TEXTS = [
-    f"{t} {i}"
-    for i in range(4)
-    for t in ("my card was charged twice", "I cannot log in", "where is my parcel", "hello there")
-]
 
 
 def main() -> None:
@@ -49,27 +39,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         with ServerProcess(data, max_queue_wait_ms=args.queue_wait_ms) as server:
-            with httpx.Client(
-                base_url=server.url,
-                headers={"Authorization": f"Bearer {server.admin_key}"},
-                timeout=60,
-            ) as c:
-                body = {
-                    "name": "t",
-                    "training_data": keyword_rows(20),
-                    "hyperparameters": {"epochs": 1},
-                }
-                job = c.post("/v1/adapters", json=body).json()["job"]["id"]
-                wait_for(c, job, lambda j: j["status"] == "succeeded", timeout=600)
-            load = Load(server.url, server.admin_key, "t", TEXTS)
-            asyncio.run(load.closed_loop(4, 3))
+            load = one_adapter_load(server.url, server.admin_key)
             goodput, recovery = [], []
             for run in range(args.runs):
                 before = asyncio.run(load.closed_loop(args.clients, args.seconds))
                 rate = before.ok_per_second
                 surge = asyncio.run(load.open_loop(args.factor * rate, args.surge_seconds))
                 after = asyncio.run(load.closed_loop(args.clients, args.seconds))
-                print(f"run {run + 1}: sustainable {rate:.2f} req/s x {len(TEXTS)} texts")
+                print(f"run {run + 1}: sustainable {rate:.2f} req/s x {len(load.texts)} texts")
                 for name, phase in (("before", before), ("surge", surge), ("after", after)):
                     print(f"  {name:7s} {phase.summary()}")
                 goodput.append(surge.ok_per_second / rate)

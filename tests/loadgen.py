@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 
 import httpx
 
+# 16 short texts a request: the model, not Python's HTTP handling on two shared cores, is the
+# bottleneck, as with real traffic on a GPU; a 4x surge is then one the server can answer with 429s.
+REQUEST_TEXTS = [
+    f"{t} {i}"
+    for i in range(4)
+    for t in ("my card was charged twice", "I cannot log in", "where is my parcel", "hello there")
+]
+
 
 @dataclass
 class Phase:
@@ -159,3 +167,23 @@ class Load:
             stop.set()
             await health
         return phase
+
+
+def one_adapter_load(url: str, key: str, name: str = "t") -> Load:
+    """Train one small adapter on the server at `url`, warm it up, and return a Load on it."""
+    from tests.datasets import keyword_rows
+
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+        body = {"name": name, "training_data": keyword_rows(20), "hyperparameters": {"epochs": 1}}
+        job = c.post("/v1/adapters", json=body).json()["job"]["id"]
+        deadline = time.monotonic() + 600
+        while (status := c.get(f"/v1/jobs/{job}").json()["status"]) in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job} still {status}")
+            time.sleep(0.2)
+        if status != "succeeded":
+            raise RuntimeError(f"job {job} {status}")
+    load = Load(url, key, name, REQUEST_TEXTS)
+    asyncio.run(load.closed_loop(4, 3))  # adapter resident, throughput measured
+    return load

@@ -11,41 +11,23 @@ import os
 
 import pytest
 
-from tests.datasets import keyword_rows
-from tests.integration.test_jobs_restart import wait_for
-from tests.loadgen import Load
+from tests.loadgen import one_adapter_load
 from tests.server import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECONDS = float(os.environ.get("LORADOCK_OVERLOAD_SECONDS", "30"))
 QUEUE_WAIT_MS = 1000
-# 16 texts a request: the model, not Python's HTTP handling on two shared cores, is the bottleneck,
-# as with real traffic on a GPU; 4x is then a surge the server can still answer with 429s.
-TEXTS = [
-    f"{t} {i}"
-    for i in range(4)
-    for t in ("my card was charged twice", "I cannot log in", "where is my parcel", "hello there")
-]
 
 
 def test_four_times_the_sustainable_rate_is_shed_not_queued(tmp_path):
     with ServerProcess(tmp_path / "data", max_queue_wait_ms=QUEUE_WAIT_MS) as server:
-        with server.client() as c:
-            body = {
-                "name": "t",
-                "training_data": keyword_rows(20),
-                "hyperparameters": {"epochs": 1},
-            }
-            job = c.post("/v1/adapters", json=body).json()["job"]["id"]
-            wait_for(c, job, lambda j: j["status"] == "succeeded", timeout=300)
-        load = Load(server.url, server.admin_key, "t", TEXTS)
-        asyncio.run(load.closed_loop(4, 3))  # warm up: adapter resident, throughput measured
+        load = one_adapter_load(server.url, server.admin_key)
         before = asyncio.run(load.closed_loop(8, 10))
         sustainable = before.ok_per_second
         over = asyncio.run(load.open_loop(4 * sustainable, SECONDS))
         after = asyncio.run(load.closed_loop(8, 10))
-    print(f"\nsustainable {sustainable:.2f} req/s x {len(TEXTS)} texts, offered 4x")
+    print(f"\nsustainable {sustainable:.2f} req/s x {len(load.texts)} texts, offered 4x")
     for name, phase in (("before", before), ("overload 4x", over), ("after", after)):
         print(f"{name:12s} {phase.summary()}")
     print(f"recovery ratio {after.ok_per_second / sustainable:.3f}")
