@@ -579,6 +579,7 @@ class Trainer:
         out.history = folds[0]["history"]
         out.report["cross_validation"]["fold_histories"] = [f["history"] for f in folds]
         all_rows = train.examples
+        cb.on_event({"type": "final_fit", "epochs": max(1, epochs), "folds": len(folds)})
         final = self._fit_split(all_rows, [], hp, emb, out, cb, fixed_epochs=max(1, epochs))
         out.metrics.update(
             {"best_epoch": epochs, "stop_reason": "max_epochs", "epochs_run": max(1, epochs),

@@ -591,6 +591,10 @@ class _ProgressWriter:
                 self.flush()
         elif kind in ("epoch", "evaluation"):
             record = {k: v for k, v in event.items() if k != "type"}
+            if self.progress.get("final_fit"):  # which run an epoch belongs to, for clients
+                record["final_fit"] = True
+            elif "fold" in self.progress:
+                record["fold"] = self.progress["fold"]
             self.history.append(record)
             self._dirty = True
             self.flush()
@@ -603,6 +607,11 @@ class _ProgressWriter:
             self.progress["fold"] = event["fold"]
             self.progress["folds"] = event["folds"]
             self.history = []  # each fold restarts the epoch history
+            self._dirty = True
+        elif kind == "final_fit":  # after the folds: every row, the chosen number of epochs
+            self.progress.pop("fold", None)
+            self.progress["final_fit"] = True
+            self.history = []
             self._dirty = True
 
     def _observe(self, kind: Any, event: dict[str, Any]) -> None:

@@ -261,3 +261,26 @@ def test_long_waits_are_announced_and_folds_are_separated(server, capsys):
         "-- final fit on every row --",
         "epoch 1  train_loss 0.5000",
     ]
+
+
+def test_epochs_tagged_by_the_server_are_labelled_by_their_fold(server, capsys):
+    # A server that tags epochs: labels come from the tags, even when the epoch count does not
+    # restart (here fold 2 continues at epoch 3), and the final fit is named as such.
+    events = [("status", {"status": "running"}), ("progress", {"folds": 2, "fold": 1})]
+    events += [("epoch", {"epoch": 1, "train_loss": 0.5, "fold": 1})]
+    events += [("epoch", {"epoch": 3, "train_loss": 0.5, "fold": 2})]
+    events += [("epoch", {"epoch": 4, "train_loss": 0.5, "final_fit": True})]
+    events += [("end", samples.job())]
+    server.on("GET", "/v1/jobs/job_1/events", Reply(events=events))
+    server.on("GET", "/v1/adapters/ad_1", Reply(200, samples.adapter()))
+    code, out, _ = run(server, capsys, "jobs", "watch", "job_1")
+    assert code == 0
+    assert out.splitlines()[:7] == [
+        "job job_1: running",
+        "-- cross-validation fold 1/2 --",
+        "epoch 1  train_loss 0.5000",
+        "-- cross-validation fold 2/2 --",
+        "epoch 3  train_loss 0.5000",
+        "-- final fit on every row --",
+        "epoch 4  train_loss 0.5000",
+    ]

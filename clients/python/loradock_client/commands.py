@@ -139,6 +139,7 @@ class EpochLog:
         self.last: float | None = None
         self.run = 1
         self.folds: int | None = None
+        self.tag: int | str | None = None
 
     def __call__(self, event: JobEvent) -> None:
         if event.event == "progress" and event.data.get("folds"):
@@ -146,7 +147,22 @@ class EpochLog:
         if event.event != "epoch":
             return
         epoch = event.data.get("epoch")
-        if self.last is not None and isinstance(epoch, int | float) and epoch <= self.last:
+        # Servers tag each epoch with its cross-validation fold or the final fit; for untagged
+        # epochs (older servers) a restarting epoch count marks the next run.
+        tag = "final" if event.data.get("final_fit") else event.data.get("fold")
+        what = None
+        if tag is not None and tag != self.tag:
+            what = (
+                "final fit on every row"
+                if tag == "final"
+                else f"cross-validation fold {tag}/{self.folds or '?'}"
+            )
+        elif (
+            tag is None
+            and self.last is not None
+            and isinstance(epoch, int | float)
+            and epoch <= self.last
+        ):
             self.run += 1
             if self.folds and self.folds > 1:
                 what = (
@@ -156,7 +172,9 @@ class EpochLog:
                 )
             else:
                 what = "training restarted"
+        if what is not None:
             self.display.echo(f"-- {what} --", sys.stdout)
+        self.tag = tag
         self.last = epoch if isinstance(epoch, int | float) else self.last
         self.display.echo(render.epoch_line(event.data), sys.stdout)
 
