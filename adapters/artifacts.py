@@ -156,16 +156,22 @@ def build_files(
     return files
 
 
+def check_fits_base(meta: dict[str, Any], base: BaseModel, where: str) -> None:
+    """ArtifactError unless `meta` (a loradock.json) is a format this code reads, trained on
+    this very base model (an adapter only works on the base it was trained on)."""
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: unsupported artifact format {meta.get('format')!r}")
+    if meta.get("base_fingerprint") != base.fingerprint:
+        raise ArtifactError(
+            f"{where} was trained on base {meta.get('base_fingerprint')!r}, "
+            f"this server runs {base.fingerprint!r}"
+        )
+
+
 def load_adapter(store: ArtifactStore, key: str, base: BaseModel) -> AdapterModel:
     """Read and verify a version from the store and check that it fits this base model."""
     meta = json.loads(store.read(key, META))
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{key}: unsupported artifact format {meta.get('format')!r}")
-    if meta.get("base_fingerprint") != base.fingerprint:
-        raise ArtifactError(
-            f"{key} was trained on base {meta.get('base_fingerprint')!r}, "
-            f"this server runs {base.fingerprint!r}"
-        )
+    check_fits_base(meta, base, key)
     head_t = st_load(store.read(key, HEAD))
     head = LinearHead(weight=head_t["weight"], bias=head_t["bias"])
     weights = None

@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import load as st_load
 
 from loradock.adapters.artifacts import (
-    FORMAT,
     HEAD,
     META,
     PEFT_CONFIG,
@@ -38,10 +37,18 @@ from loradock.adapters.artifacts import (
     REFERENCE_JSON,
     REFERENCE_TENSORS,
     ArtifactError,
+    check_fits_base,
 )
 from loradock.adapters.base import BaseModel
 from loradock.adapters.lora import PEFT_PREFIX
-from loradock.adapters.store import MANIFEST, Manifest, StoreError, sha256_hex, validate_filename
+from loradock.adapters.store import (
+    MANIFEST,
+    ArtifactCorrupt,
+    Manifest,
+    StoreError,
+    validate_filename,
+    verify_file,
+)
 
 MAX_FILES = 16
 _LORA_KEY = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight$")
@@ -141,13 +148,10 @@ def validate_import(
     if META not in files:
         raise ImportRejected(f"{META} is missing: the archive is not a loradock adapter version")
     meta = _json_object(files, META)
-    if meta.get("format") != FORMAT:
-        raise ImportRejected(f"{META}: unsupported format {meta.get('format')!r}")
-    if meta.get("base_fingerprint") != base.fingerprint:
-        raise ImportRejected(
-            f"{META}: trained on base {meta.get('base_fingerprint')!r}, this server runs "
-            f"{base.fingerprint!r}; an adapter only works on the base it was trained on"
-        )
+    try:
+        check_fits_base(meta, base, META)
+    except ArtifactError as e:
+        raise ImportRejected(str(e)) from e
     task = meta.get("task")
     if task not in TASKS:
         raise ImportRejected(f"{META}: task must be one of {list(TASKS)}, not {task!r}")
@@ -179,8 +183,10 @@ def _check_manifest(raw: bytes, files: Mapping[str, bytes]) -> None:
             f"{MANIFEST} does not match the archive: missing {missing}, not listed {extra}"
         )
     for name, entry in manifest.files.items():
-        if sha256_hex(files[name]) != entry.sha256:
-            raise ImportRejected(f"{name!r} does not match its sha256 in {MANIFEST}")
+        try:
+            verify_file("import", name, entry, files[name])
+        except ArtifactCorrupt as e:
+            raise ImportRejected(f"{name!r} does not match its sha256 in {MANIFEST}") from e
 
 
 def _json_object(files: Mapping[str, bytes], name: str) -> dict[str, Any]:

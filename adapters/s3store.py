@@ -49,15 +49,14 @@ import s3fs
 
 from loradock.adapters.store import (
     MANIFEST,
-    ArtifactCorrupt,
     ArtifactExists,
     ArtifactNotFound,
     Manifest,
     StoreError,
+    VerifiedReads,
     check_publish,
     validate_filename,
     validate_key,
-    verify_file,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def _error_code(exc: BaseException) -> str | None:
     return None
 
 
-class S3Store:
+class S3Store(VerifiedReads):
     """Versions under `s3://<bucket>/<prefix>/<tenant>/<adapter_id>/v<N>/`, same layout as local."""
 
     def __init__(
@@ -297,24 +296,8 @@ class S3Store:
             raise ArtifactNotFound(f"artifact {key!r} not found") from e
         return Manifest.from_json(raw, key)
 
-    def read(self, key: str, name: str) -> bytes:
-        """Read one file and check it against the manifest's sha256."""
-        validate_filename(name)
-        entry = self.manifest(key).files.get(name)
-        if entry is None:
-            raise ArtifactNotFound(f"artifact {key!r} has no file {name!r}")
-        try:
-            data = self._get(f"{self._dir(key)}/{name}")
-        except FileNotFoundError as e:
-            raise ArtifactCorrupt(f"artifact {key!r} is missing its file {name!r}") from e
-        return verify_file(key, name, entry, data)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.manifest(key)
-        except (ArtifactNotFound, ArtifactCorrupt):
-            return False
-        return True
+    def _read_raw(self, key: str, name: str) -> bytes:
+        return self._get(f"{self._dir(key)}/{name}")
 
     def delete(self, key: str) -> None:
         """Remove a version (or everything under a prefix): every manifest first, so each version

@@ -169,7 +169,37 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-class LocalStore:
+class VerifiedReads:
+    """`read` and `exists` of a store in terms of its `manifest` and `_read_raw` (the bytes of one
+    file, FileNotFoundError when absent): every file read is checked against the manifest."""
+
+    def manifest(self, key: str) -> Manifest:
+        raise NotImplementedError
+
+    def _read_raw(self, key: str, name: str) -> bytes:
+        raise NotImplementedError
+
+    def read(self, key: str, name: str) -> bytes:
+        """Read one file and check it against the manifest's sha256."""
+        validate_filename(name)
+        entry = self.manifest(key).files.get(name)
+        if entry is None:
+            raise ArtifactNotFound(f"artifact {key!r} has no file {name!r}")
+        try:
+            data = self._read_raw(key, name)
+        except FileNotFoundError as e:
+            raise ArtifactCorrupt(f"artifact {key!r} is missing its file {name!r}") from e
+        return verify_file(key, name, entry, data)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.manifest(key)
+        except (ArtifactNotFound, ArtifactCorrupt):
+            return False
+        return True
+
+
+class LocalStore(VerifiedReads):
     """A directory on a local or mounted filesystem.
 
     publish: files go to `<root>/.staging/<uuid>/`, fsynced, manifest last, then one rename to the
@@ -234,24 +264,8 @@ class LocalStore:
             raise ArtifactNotFound(f"artifact {key!r} not found") from e
         return Manifest.from_json(raw, key)
 
-    def read(self, key: str, name: str) -> bytes:
-        """Read one file and check it against the manifest's sha256."""
-        validate_filename(name)
-        entry = self.manifest(key).files.get(name)
-        if entry is None:
-            raise ArtifactNotFound(f"artifact {key!r} has no file {name!r}")
-        try:
-            data = (self._path(key) / name).read_bytes()
-        except FileNotFoundError as e:
-            raise ArtifactCorrupt(f"artifact {key!r} is missing its file {name!r}") from e
-        return verify_file(key, name, entry, data)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.manifest(key)
-        except (ArtifactNotFound, ArtifactCorrupt):
-            return False
-        return True
+    def _read_raw(self, key: str, name: str) -> bytes:
+        return (self._path(key) / name).read_bytes()
 
     def delete(self, key: str) -> None:
         """Remove a version: first made invisible by one rename, then deleted."""

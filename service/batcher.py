@@ -107,6 +107,22 @@ class MicroBatcher:
         wait = self.expected_wait() or 0.0
         return max(1, math.ceil(wait))
 
+    def over_wait_limit(self, extra_rows: int = 0) -> TooManyRequests | None:
+        """The 429 for a request of `extra_rows` rows if the rows queued ahead of it would take
+        longer than `max_queue_wait` at the measured throughput, else None. Also used at the door
+        (OverloadShedMiddleware), before a request is even parsed."""
+        if self.max_queue_wait <= 0 or not self._queue:
+            return None
+        wait = self.expected_wait(extra_rows)
+        if wait is None or wait <= self.max_queue_wait:
+            return None
+        return TooManyRequests(
+            f"the server is at capacity: {self._queued_rows} rows are waiting, about "
+            f"{wait:.1f} s of work, more than the {self.max_queue_wait:.1f} s allowed "
+            "(setting LORADOCK_MAX_QUEUE_WAIT_MS); retry later",
+            retry_after=self._retry_after(),
+        )
+
     async def submit(self, resident: Resident, texts: Sequence[str]) -> list[RowResult]:
         if self._closed:
             raise NotReady("the server is shutting down")
@@ -116,14 +132,9 @@ class MicroBatcher:
                 f"{self.max_queue} (setting LORADOCK_MAX_QUEUE_ROWS); retry shortly",
                 retry_after=self._retry_after(),
             )
-        wait = self.expected_wait(len(texts)) if self.max_queue_wait > 0 and self._queue else None
-        if wait is not None and wait > self.max_queue_wait:
-            raise TooManyRequests(
-                f"the server is at capacity: {self._queued_rows} rows are waiting, about "
-                f"{wait:.1f} s of work, more than the {self.max_queue_wait:.1f} s allowed "
-                "(setting LORADOCK_MAX_QUEUE_WAIT_MS); retry later",
-                retry_after=self._retry_after(),
-            )
+        overloaded = self.over_wait_limit(len(texts))
+        if overloaded is not None:
+            raise overloaded
         future: asyncio.Future[list[RowResult]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(resident, list(texts), future))
         self._queued_rows += len(texts)

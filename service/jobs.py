@@ -404,11 +404,14 @@ class JobRunner:
             if job is not None and job.status == "running":
                 finish_failed(s, job, error, outcome)
 
+    def _owns(self, job: Job) -> bool:
+        return job.status == "running" and job.claimed_by == self.worker_id
+
     def _still_mine(self, job_id: str) -> bool:
         """False when another replica took the job over (our lease ran out while we trained)."""
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            if job is not None and (job.status != "running" or job.claimed_by != self.worker_id):
+            if job is not None and not self._owns(job):
                 log.warning("job %s: lease lost to %s; dropping this attempt", job_id,
                             job.claimed_by)  # fmt: skip
                 return False
@@ -482,7 +485,7 @@ class JobRunner:
                 # The adapter was deleted while training: the artifact must not outlive it.
                 self.store.delete(key)
                 return
-            if job.status != "running" or job.claimed_by != self.worker_id:
+            if not self._owns(job):
                 # Re-queued (lease expired) or finished elsewhere meanwhile: the owner records it.
                 log.warning("job %s: no longer ours (%s), not recording", job_id, job.status)
                 return

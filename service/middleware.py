@@ -2,60 +2,37 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Callable
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loradock.service.batcher import MicroBatcher
-from loradock.service.errors import PROBLEM_BASE, PROBLEM_JSON
+from loradock.service.errors import BadRequest, LoradockError, PayloadTooLarge, error_response
 from loradock.service.metrics import Metrics
 
 _PREDICT = re.compile(r"^/v1/adapters/[^/]+/predict$|^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
-async def send_problem(
-    scope: Scope,
-    send: Send,
-    status: int,
-    slug: str,
-    title: str,
-    detail: str,
-    headers: dict[str, str] | None = None,
-    *,
-    keep_alive: bool = False,
+async def send_error(
+    scope: Scope, receive: Receive, send: Send, error: LoradockError, *, keep_alive: bool = False
 ) -> None:
-    """An error answered before routing: problem+json, or `{"error"}` on the OIP routes.
-    The connection is closed unless `keep_alive` (only when the request body was read)."""
-    if str(scope.get("path", "")).startswith("/v2"):
-        body = json.dumps({"error": detail}).encode()
-        ctype = b"application/json"
-    else:
-        problem = {
-            "type": PROBLEM_BASE + slug,
-            "title": title,
-            "status": status,
-            "detail": detail,
-            "instance": scope.get("path", ""),
-        }
-        body = json.dumps(problem).encode()
-        ctype = PROBLEM_JSON.encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", ctype),
-                (b"content-length", str(len(body)).encode()),
-                *([] if keep_alive else [(b"connection", b"close")]),
-                *extra,
-            ],
-        }
+    """An error answered before routing, rendered like every other (problem+json, `{"error"}`
+    on the OIP routes). The connection is closed unless `keep_alive` (the body was read)."""
+    headers = dict(error.headers)
+    if not keep_alive:
+        headers["Connection"] = "close"
+    response = error_response(
+        Request(scope),
+        error.status,
+        error.title,
+        error.detail,
+        slug=error.slug,
+        headers=headers,
+        extra=error.extra,
     )
-    await send({"type": "http.response.body", "body": body})
+    await response(scope, receive, send)
 
 
 async def _drain(receive: Receive, limit: int = 1 << 20) -> bool:
@@ -96,19 +73,13 @@ class OverloadShedMiddleware:
         if scope["type"] == "http" and scope.get("method") == "POST":
             path = str(scope.get("path", ""))
             batcher = self.batcher() if _PREDICT.match(path) else None
-            wait = batcher.expected_wait() if batcher is not None else None
-            if batcher is not None and wait is not None and 0 < batcher.max_queue_wait < wait:
+            overloaded = batcher.over_wait_limit() if batcher is not None else None
+            if overloaded is not None:
                 if self.metrics is not None:
                     protocol = "v2" if path.startswith("/v2") else "v1"
                     self.metrics.predict_failures.labels(protocol, "overloaded").inc()
-                await send_problem(
-                    scope, send, 429, "too-many-requests", "Too many requests",
-                    f"the server is at capacity: about {wait:.1f} s of work is queued, more "
-                    f"than the {batcher.max_queue_wait:.1f} s allowed "
-                    "(setting LORADOCK_MAX_QUEUE_WAIT_MS); retry later",
-                    {"Retry-After": str(max(1, math.ceil(wait)))},
-                    keep_alive=await _drain(receive),
-                )  # fmt: skip
+                keep_alive = await _drain(receive)
+                await send_error(scope, receive, send, overloaded, keep_alive=keep_alive)
                 return
         await self.app(scope, receive, send)
 
@@ -134,10 +105,10 @@ class BodySizeLimitMiddleware:
             try:
                 length = int(declared)
             except ValueError:
-                await self._reject(scope, send, 400, "Content-Length is not a number")
+                await send_error(scope, receive, send, BadRequest("Content-Length is not a number"))
                 return
             if length > self.max_bytes:
-                await self._too_large(scope, send, f"{length} bytes")
+                await self._too_large(scope, receive, send, f"{length} bytes")
                 return
             await self.app(scope, receive, send)
             return
@@ -151,7 +122,7 @@ class BodySizeLimitMiddleware:
                 break
             total += len(message.get("body", b""))
             if total > self.max_bytes:
-                await self._too_large(scope, send, f"more than {self.max_bytes} bytes")
+                await self._too_large(scope, receive, send, f"more than {self.max_bytes} bytes")
                 return
             if not message.get("more_body", False):
                 break
@@ -161,17 +132,9 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, send: Send, size: str) -> None:
-        await self._reject(
-            scope, send, 413,
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        detail = (
             f"request body of {size} exceeds the limit of {self.max_bytes} bytes "
-            "(setting LORADOCK_MAX_BODY_BYTES)",
-        )  # fmt: skip
-
-    async def _reject(self, scope: Scope, send: Send, status: int, detail: str) -> None:
-        slug, title = (
-            ("payload-too-large", "Payload too large")
-            if status == 413
-            else ("bad-request", "Bad request")
+            "(setting LORADOCK_MAX_BODY_BYTES)"
         )
-        await send_problem(scope, send, status, slug, title, detail)
+        await send_error(scope, receive, send, PayloadTooLarge(detail))

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from tests.datasets import keyword_rows
+from tests.integration.test_jobs_restart import wait_for
+
 # 16 short texts a request: the model, not Python's HTTP handling on two shared cores, is the
 # bottleneck, as with real traffic on a GPU; a 4x surge is then one the server can answer with 429s.
 REQUEST_TEXTS = [
@@ -171,19 +174,13 @@ class Load:
 
 def one_adapter_load(url: str, key: str, name: str = "t") -> Load:
     """Train one small adapter on the server at `url`, warm it up, and return a Load on it."""
-    from tests.datasets import keyword_rows
-
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
         body = {"name": name, "training_data": keyword_rows(20), "hyperparameters": {"epochs": 1}}
         job = c.post("/v1/adapters", json=body).json()["job"]["id"]
-        deadline = time.monotonic() + 600
-        while (status := c.get(f"/v1/jobs/{job}").json()["status"]) in ("queued", "running"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job} still {status}")
-            time.sleep(0.2)
-        if status != "succeeded":
-            raise RuntimeError(f"job {job} {status}")
+        done = wait_for(c, job, lambda j: j["status"] not in ("queued", "running"), timeout=600)
+        if done["status"] != "succeeded":
+            raise RuntimeError(f"job {job} {done['status']}: {done.get('error')}")
     load = Load(url, key, name, REQUEST_TEXTS)
     asyncio.run(load.closed_loop(4, 3))  # adapter resident, throughput measured
     return load
