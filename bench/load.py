@@ -63,10 +63,10 @@ def offline_rows_per_second(
     """The same engine without HTTP: mixed batches back to back in this process."""
     from sqlalchemy import select
 
-    from loradock.adapters.base import BaseModel, default_base_model_path
-    from loradock.adapters.engine import Engine
-    from loradock.adapters.slots import AdapterRef, SlotPool
-    from loradock.adapters.store import LocalStore
+    from loradock.adapters.artifacts.store import LocalStore
+    from loradock.adapters.core.base import BaseModel, default_base_model_path
+    from loradock.adapters.serving.engine import Engine
+    from loradock.adapters.serving.slots import AdapterRef, SlotPool
     from loradock.service.db.models import Adapter, Version
     from loradock.service.db.registry import Database
 
@@ -81,7 +81,7 @@ def offline_rows_per_second(
         ).all()
     pool = SlotPool(base, base.default_target_modules(), max_rank=8, capacity=len(rows) + 1)
     engine = Engine(base, pool, LocalStore(data_dir / "artifacts"))
-    residents = [engine.acquire(AdapterRef(aid, v), key) for aid, v, key in rows]
+    residents = [engine.acquire(AdapterRef(aid, v, key=key)) for aid, v, key in rows]
     texts = [t for ts in load_categories().values() for t in ts]
     rng = random.Random(1)
     done = 0

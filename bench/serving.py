@@ -32,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fortunes import load_categories
 
-from loradock.adapters import artifacts, lora
-from loradock.adapters.base import BaseModel, default_base_model_path
-from loradock.adapters.engine import Engine
-from loradock.adapters.probe import LinearHead
-from loradock.adapters.slots import AdapterRef, BatchedLoRA, SlotPool
-from loradock.adapters.store import LocalStore
+from loradock.adapters.artifacts import files as artifacts
+from loradock.adapters.artifacts.store import LocalStore
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel, default_base_model_path
+from loradock.adapters.serving.engine import Engine, ServedHead
+from loradock.adapters.serving.slots import AdapterRef, BatchedLoRA, SlotPool
+from loradock.adapters.tasks.classification import Classification
+from loradock.adapters.tasks.probe import LinearHead
 
 TARGETS = ("query", "key", "value")
 
@@ -61,6 +63,10 @@ def head(seed: int, hidden: int, out: int = 5) -> LinearHead:
     return LinearHead(torch.randn(out, hidden, generator=g) * 0.1, torch.zeros(out))
 
 
+def served(seed: int, hidden: int, out: int = 5) -> ServedHead:
+    return ServedHead(Classification([f"c{i}" for i in range(out)]), head(seed, hidden, out))
+
+
 def median_seconds(fn, runs: int) -> float:
     fn()  # warm-up
     times = []
@@ -76,8 +82,7 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int) -> None:
     weights = [random_adapter(base, s) for s in range(n)]
     pool = SlotPool(base, TARGETS, max_rank=8, capacity=n)
     residents = [
-        pool.load(AdapterRef(f"ad_{i}", 1), w, head(i, base.hidden_size), task="classification",
-                  labels=[str(k) for k in range(5)])
+        pool.load(AdapterRef(f"ad_{i}", 1), w, served(i, base.hidden_size))
         for i, w in enumerate(weights)
     ]  # fmt: skip
     engine = Engine(base, pool, store=None)  # type: ignore[arg-type]
@@ -158,7 +163,7 @@ def hot_load(base: BaseModel, counts: list[int], samples: int, peft_counts: list
         store = LocalStore(Path(d) / "store")
         proto = random_adapter(base, 0)
         files = artifacts.build_files(
-            base=base, meta={"task": "classification", "labels": ["a", "b"]},
+            base=base, task=Classification(["a", "b"]), meta={},
             head=head(0, base.hidden_size, 2), weights=proto, profile_texts=[],
         )  # fmt: skip
         for i in range(biggest + samples):
@@ -169,12 +174,14 @@ def hot_load(base: BaseModel, counts: list[int], samples: int, peft_counts: list
         print(f"hot load (read + verify + copy into a slot), p50 of {samples} loads:")
         for count in counts:
             while loaded < count:
-                engine.release([engine.acquire(AdapterRef(f"ad_{loaded}", 1), f"t/ad_{loaded}/v1")])
+                engine.release(
+                    [engine.acquire(AdapterRef(f"ad_{loaded}", 1, key=f"t/ad_{loaded}/v1"))]
+                )
                 loaded += 1
             times = []
             for _ in range(samples):
                 t0 = time.perf_counter()
-                res = engine.acquire(AdapterRef(f"ad_{loaded}", 1), f"t/ad_{loaded}/v1")
+                res = engine.acquire(AdapterRef(f"ad_{loaded}", 1, key=f"t/ad_{loaded}/v1"))
                 times.append(time.perf_counter() - t0)
                 engine.release([res])
                 loaded += 1
@@ -216,8 +223,7 @@ def capacity(base: BaseModel, n: int) -> None:
     rss0 = rss_bytes()
     pool = SlotPool(base, TARGETS, max_rank=8, capacity=n)
     for i in range(n):
-        pool.load(AdapterRef(f"ad_{i}", 1), w, head(i, base.hidden_size), task="classification",
-                  labels=[str(k) for k in range(5)])  # fmt: skip
+        pool.load(AdapterRef(f"ad_{i}", 1), w, served(i, base.hidden_size))  # fmt: skip
     rss1 = rss_bytes()
     per_slot = pool.bytes_per_slot()
     print(f"capacity: {pool.resident()} adapters resident (r=8, query/key/value, 6 blocks)")

@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loradock.adapters.base import BaseModel, default_base_model_path
+from loradock.adapters.core.base import BaseModel, default_base_model_path
 
 
 def by_hand(path: Path) -> None:

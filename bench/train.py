@@ -32,20 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fortunes import make_split
 
-from loradock.adapters import encoding
-from loradock.adapters.artifacts import build_files
-from loradock.adapters.base import BaseModel, default_base_model_path
-from loradock.adapters.data import validate_rows
-from loradock.adapters.encoding import Encoded
-from loradock.adapters.evaluation import classification_metrics
-from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer
+from loradock.adapters import tasks
+from loradock.adapters.artifacts.files import build_files
+from loradock.adapters.core.base import BaseModel, default_base_model_path
+from loradock.adapters.tasks.metrics import classification_metrics
+from loradock.adapters.training import encoding
+from loradock.adapters.training.data import validate_rows
+from loradock.adapters.training.encoding import Encoded
+from loradock.adapters.training.trainer import Hyperparameters, TrainCallbacks, Trainer
 
 
 def run_loradock(base: BaseModel, train_rows, val_rows, seed: int, extra: dict) -> dict:
     t0 = time.perf_counter()
-    train = validate_rows(train_rows, "classification", max_rows=10**6, max_text_chars=10**5)
+    task = tasks.get("classification")
+    train = validate_rows(train_rows, task, max_rows=10**6, max_text_chars=10**5)
     val = validate_rows(
-        val_rows, "classification", max_rows=10**6, max_text_chars=10**5, dataset="validation_data"
+        val_rows, task, max_rows=10**6, max_text_chars=10**5, dataset="validation_data"
     )
     epochs = []
     out = Trainer(base).run(
@@ -57,10 +59,11 @@ def run_loradock(base: BaseModel, train_rows, val_rows, seed: int, extra: dict) 
     assert out.status == "succeeded", out.error
     build_files(
         base=base,
-        meta={"task": "classification", "labels": out.labels},
+        task=out.task,
+        meta={},
         head=out.head,
         weights=out.weights,
-        profile_texts=[e.text for e in out.validation],
+        profile_texts=out.reference_texts,
     )
     seconds = time.perf_counter() - t0
     return {

@@ -13,11 +13,11 @@ from fastapi import FastAPI
 
 from loradock.service.api import adapters, health, jobs, monitoring, oip, predict, tenants
 from loradock.service.batcher import MicroBatcher
+from loradock.service.dataplane import DataPlane, LiveVersions
 from loradock.service.errors import install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
 from loradock.service.middleware import BodySizeLimitMiddleware, OverloadShedMiddleware
 from loradock.service.runtime import Runtime
-from loradock.service.serving import LiveVersions, Serving
 from loradock.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,14 @@ def create_app(
                 metrics=runtime.metrics,
             )
             batcher.start()
-            runtime.serving = Serving(
+            runtime.serving = DataPlane(
                 runtime.engine,
                 batcher,
                 LiveVersions(runtime.db, s.live_poll_seconds),
-                runtime.monitor,
-                runtime.metrics,
+                s,
+                monitor=runtime.monitor,
+                metrics=runtime.metrics,
+                rate_limiter=runtime.rate_limiter,
             )
 
         starting = asyncio.create_task(start(), name="loradock-start")

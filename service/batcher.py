@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from loradock.adapters.engine import Engine, RowResult
-from loradock.adapters.slots import Resident
+from loradock.adapters.serving.engine import Engine, RowResult
+from loradock.adapters.serving.slots import Resident
 from loradock.service.errors import NotReady, TooManyRequests
 from loradock.service.metrics import Metrics
 

@@ -9,13 +9,14 @@ fast.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
@@ -107,14 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_list_field(name: str) -> bool:
+    annotation = Settings.model_fields[name].annotation
+    return any(get_origin(a) is list for a in (annotation, *get_args(annotation)))
+
+
+def _option_value(name: str, value: Any) -> Any:
+    """An option's string as the setting's type: list settings take a JSON list (as their
+    environment variable does) or comma-separated names."""
+    if not isinstance(value, str) or not _is_list_field(name):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return value  # validation reports it, naming the option's setting
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def load_settings(overrides: dict[str, Any]) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return Settings(**{k: _option_value(k, v) for k, v in overrides.items() if v is not None})
 
 
 def preflight(settings: Settings) -> None:
     """Checks that fail fast, before the port is bound: model directory, device and dtype."""
-    from loradock.adapters.base import check_model_dir
-    from loradock.adapters.device import resolve_device, resolve_dtype
+    from loradock.adapters.core.base import check_model_dir
+    from loradock.adapters.core.device import resolve_device, resolve_dtype
 
     check_model_dir(settings.resolved_base_model())
     resolve_dtype(settings.dtype, resolve_device(settings.device))
@@ -192,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
-        from loradock.adapters.base import BaseModelError
-        from loradock.adapters.device import DeviceError
+        from loradock.adapters.core.base import BaseModelError
+        from loradock.adapters.core.device import DeviceError
 
         try:
             preflight(settings)

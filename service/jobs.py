@@ -21,18 +21,29 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, text, update
 
-from loradock.adapters.artifacts import build_files
-from loradock.adapters.base import BaseModel
-from loradock.adapters.data import Dataset, Example
-from loradock.adapters.scheduling import PriorityGate
-from loradock.adapters.store import ArtifactExists, ArtifactStore, StoreError, artifact_key
-from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer, TrainOutcome
+from loradock.adapters import tasks
+from loradock.adapters.artifacts.files import build_files
+from loradock.adapters.artifacts.store import (
+    ArtifactExists,
+    ArtifactStore,
+    StoreError,
+    artifact_key,
+)
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.training.data import Dataset, Example
+from loradock.adapters.training.served import served_metrics
+from loradock.adapters.training.trainer import (
+    Hyperparameters,
+    TrainCallbacks,
+    Trainer,
+    TrainOutcome,
+)
 from loradock.service.db.models import Adapter, Job, Version, utcnow
 from loradock.service.db.registry import Database
 from loradock.service.metrics import Metrics
@@ -43,24 +54,20 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # pg_try_advisory_xact_lock(class, key) namespace of the per-tenant claim locks.
 _CLAIM_LOCK_CLASS = 0x10AD
 DATASET_FILE = "dataset.json"
+PROFILE_ROWS = 2000  # most rows a reference profile is computed on
 
 
 def dataset_key(tenant_id: str, adapter_id: str, job_id: str) -> str:
     return f"{tenant_id}/{adapter_id}/datasets/{job_id}"
 
 
-def encode_dataset(
-    task: str,
-    train: Dataset,
-    validation: Dataset | None,
-    validation_split: float,
-) -> bytes:
+def encode_dataset(train: Dataset, validation: Dataset | None, validation_split: float) -> bytes:
     def rows(ds: Dataset) -> list[dict[str, Any]]:
         return [{"text": e.text, "label": e.label, "group": e.group} for e in ds.examples]
 
     return json.dumps(
         {
-            "task": task,
+            "task": train.task.name,
             "labels": train.labels,
             "warnings": train.warnings,
             "training": rows(train),
@@ -77,7 +84,7 @@ def decode_dataset(raw: bytes) -> tuple[Dataset, list[Example] | None, float]:
         return [Example(text=r["text"], label=r["label"], group=r.get("group")) for r in rows]
 
     train = Dataset(
-        task=body["task"],
+        task=tasks.get(body["task"]),
         examples=examples(body["training"]),
         labels=list(body["labels"]),
         warnings=list(body.get("warnings", [])),
@@ -86,22 +93,9 @@ def decode_dataset(raw: bytes) -> tuple[Dataset, list[Example] | None, float]:
     return train, val, float(body.get("validation_split", 0.2))
 
 
-def served_metrics(ver: Version) -> dict[str, Any]:
-    """Validation metrics of what a version serves: its LoRA's, or its probe's if that won."""
-    if (ver.report or {}).get("winner") == "probe":
-        return ver.baseline or {}
-    return ver.metrics or {}
-
-
-def better_than(new: dict[str, Any], live: dict[str, Any], task: str) -> bool:
-    """Does a new version beat the live one on validation (macro-F1, or loss for regression)?"""
-    key = "val_macro_f1" if task == "classification" else "val_loss"
-    a, b = new.get(key), live.get(key)
-    if a is None:
-        return False
-    if b is None:
-        return True
-    return bool(a > b) if key == "val_macro_f1" else bool(a < b)
+def version_served(ver: Version) -> dict[str, Any]:
+    """The validation metrics of what a version serves (`training.served` in reports)."""
+    return served_metrics(ver.metrics, ver.baseline, (ver.report or {}).get("winner"))
 
 
 class JobRunner:
@@ -117,7 +111,6 @@ class JobRunner:
         max_attempts: int = 3,
         max_running_per_tenant: int = 1_000_000,
         gate: PriorityGate | None = None,
-        on_finished: Callable[[str, str], None] | None = None,
         metrics: Metrics | None = None,
         lease_seconds: float = 30.0,
     ) -> None:
@@ -129,7 +122,6 @@ class JobRunner:
         self.max_attempts = max_attempts
         self.max_running_per_tenant = max_running_per_tenant
         self.gate = gate or PriorityGate()
-        self.on_finished = on_finished
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # Shared registry (PostgreSQL): other replicas run jobs too, so "running" needs a lease.
         self.shared = db.dialect == "postgresql"
@@ -386,8 +378,6 @@ class JobRunner:
                     finish_cancelled(s, job)
                 else:
                     finish_failed(s, job, outcome.error or "training failed", outcome)
-        if self.on_finished is not None:
-            self.on_finished(job_id, outcome.status)
 
     def _record(self, outcome: TrainOutcome, seconds: float) -> None:
         if self.metrics is None or (outcome.status == "cancelled" and self._stop.is_set()):
@@ -436,25 +426,25 @@ class JobRunner:
     ) -> None:
         assert outcome.head is not None
         meta = {
-            "task": outcome.task,
-            "labels": outcome.labels,
             "winner": outcome.winner,
             "winner_reason": outcome.winner_reason,
-            "target_mean": outcome.target_mean,
-            "target_std": outcome.target_std,
             "adapter_id": adapter_id,
             "version": version,
             "hyperparameters": spec.get("hyperparameters") or {},
             "metrics": outcome.metrics,
             "baseline": {k: v for k, v in outcome.baseline.items() if k != "per_class"},
         }
-        profile_texts = [e.text for e in outcome.validation][:2000]
+        limit = PROFILE_ROWS
         files = build_files(
             base=self.base,
+            task=outcome.task,
             meta=meta,
             head=outcome.head,
             weights=outcome.weights,
-            profile_texts=profile_texts,
+            profile_texts=outcome.reference_texts[:limit],
+            profile_outputs=(
+                outcome.reference_outputs[:limit] if outcome.reference_outputs is not None else None
+            ),
         )
         key = artifact_key(tenant_id, adapter_id, version)
         if not self._still_mine(job_id):
@@ -493,8 +483,12 @@ class JobRunner:
             ver.metrics = {**outcome.metrics, "winner": outcome.winner}
             ver.history = outcome.history
             ver.baseline = outcome.baseline
+            # Warnings found when the data was uploaded stay, followed by the trainer's own.
+            warnings = list((ver.report or {}).get("warnings", []))
+            warnings += [w for w in outcome.report.get("warnings", []) if w not in warnings]
             ver.report = {
                 **outcome.report,
+                "warnings": warnings,
                 "labels": outcome.labels,
                 "winner": outcome.winner,
                 "winner_reason": outcome.winner_reason,
@@ -527,8 +521,8 @@ class JobRunner:
                     Version.adapter_id == adapter.id, Version.version == adapter.live_version
                 )
             )
-            live_metrics = served_metrics(live) if live is not None else {}
-            if better_than(outcome.served_metrics(), live_metrics, adapter.task):
+            live_metrics = version_served(live) if live is not None else {}
+            if type(outcome.task).better(outcome.served_metrics(), live_metrics):
                 promote, reason = True, f"beats live version {adapter.live_version} on validation"
             else:
                 reason = f"does not beat live version {adapter.live_version} on validation"
@@ -593,12 +587,8 @@ class _ProgressWriter:
             if time.monotonic() - self._last_write >= self.interval:
                 self.flush()
         elif kind in ("epoch", "evaluation"):
-            record = {k: v for k, v in event.items() if k != "type"}
-            if self.progress.get("final_fit"):  # which run an epoch belongs to, for clients
-                record["final_fit"] = True
-            elif "fold" in self.progress:
-                record["fold"] = self.progress["fold"]
-            self.history.append(record)
+            # Every run's epochs, in order; the trainer tags each with its `fold` or `final_fit`.
+            self.history.append({k: v for k, v in event.items() if k != "type"})
             self._dirty = True
             self.flush()
         elif kind == "baseline":
@@ -609,12 +599,10 @@ class _ProgressWriter:
         elif kind == "fold":
             self.progress["fold"] = event["fold"]
             self.progress["folds"] = event["folds"]
-            self.history = []  # each fold restarts the epoch history
             self._dirty = True
         elif kind == "final_fit":  # after the folds: every row, the chosen number of epochs
             self.progress.pop("fold", None)
             self.progress["final_fit"] = True
-            self.history = []
             self._dirty = True
 
     def _observe(self, kind: Any, event: dict[str, Any]) -> None:

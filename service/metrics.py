@@ -24,6 +24,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loradock.adapters.training.served import served_metrics
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TRAINING_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -354,13 +356,17 @@ class StateCollector:
 
         families = {
             "val_loss": GaugeMetricFamily(
-                "loradock_adapter_validation_loss", "Validation loss of the live version.",
+                "loradock_adapter_validation_loss",
+                "Validation loss of the live version's served model (LoRA, or the probe when "
+                "it won).",
                 labels=["adapter"]),
             "val_accuracy": GaugeMetricFamily(
-                "loradock_adapter_validation_accuracy", "Validation accuracy of the live version.",
+                "loradock_adapter_validation_accuracy",
+                "Validation accuracy of the live version's served model.",
                 labels=["adapter"]),
             "val_macro_f1": GaugeMetricFamily(
-                "loradock_adapter_validation_macro_f1", "Validation macro-F1 of the live version.",
+                "loradock_adapter_validation_macro_f1",
+                "Validation macro-F1 of the live version's served model.",
                 labels=["adapter"]),
             "generalization_gap": GaugeMetricFamily(
                 "loradock_adapter_generalization_gap",
@@ -399,10 +405,10 @@ class StateCollector:
             }  # fmt: skip
             versions = dict(s.execute(select(Adapter.id, Adapter.live_version)).all())
         for adapter_id, metrics, baseline, report in rows:
-            won = (report or {}).get("winner") == "probe"
-            served = baseline if won else metrics
+            served = served_metrics(metrics, baseline, (report or {}).get("winner"))
+            won = served["model"] == "probe"
             for key in ("val_loss", "val_accuracy", "val_macro_f1"):
-                if served and served.get(key) is not None:
+                if served.get(key) is not None:
                     families[key].add_metric([adapter_id], served[key])
             if metrics and metrics.get("generalization_gap") is not None:
                 families["generalization_gap"].add_metric(
@@ -413,6 +419,6 @@ class StateCollector:
             if n:
                 acc = (correct or 0) / n
                 families["live_accuracy"].add_metric([adapter_id], acc)
-                if served and served.get("val_accuracy") is not None:
+                if served.get("val_accuracy") is not None:
                     families["live_gap"].add_metric([adapter_id], served["val_accuracy"] - acc)
         yield from families.values()

@@ -3,8 +3,9 @@
 Predict hands every answered row to `Monitor.observe` (a queue put, nothing more). A background
 thread keeps a sliding window of recent rows per adapter and, every `drift_check_every` new rows
 once `drift_min_count` are there, compares the window with the live version's reference profile:
-PSI of predicted labels, confidence and input length (regression: predicted values), and an RBF
-MMD permutation test on the pooled embeddings the forward pass already computed.
+PSI of input length, the task's own prediction signals (`Task.drift_signals`: predicted labels and
+confidence, or predicted values), and an RBF MMD permutation test on the pooled embeddings the
+forward pass already computed.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import json
 import logging
 import queue
 import threading
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 
-from loradock.adapters.artifacts import REFERENCE_JSON, REFERENCE_TENSORS
-from loradock.adapters.drift import mmd_test, psi_excess
-from loradock.adapters.engine import RowResult
-from loradock.adapters.profile import histogram
-from loradock.adapters.store import ArtifactStore, StoreError
+from loradock.adapters import tasks
+from loradock.adapters.artifacts.files import META, REFERENCE_JSON, REFERENCE_TENSORS
+from loradock.adapters.artifacts.store import ArtifactStore, StoreError
+from loradock.adapters.monitoring.drift import mmd_test, psi_signal
+from loradock.adapters.monitoring.profile import histogram
+from loradock.adapters.serving.engine import RowResult
+from loradock.adapters.serving.slots import AdapterRef
+from loradock.adapters.tasks.base import Task
 from loradock.service.metrics import Metrics
 from loradock.service.settings import Settings
 
@@ -34,22 +37,11 @@ MMD_SAMPLE = 256
 
 
 @dataclass
-class _Row:
-    label: str | None
-    confidence: float | None
-    value: float | None
-    tokens: int
-    pooled: torch.Tensor
-
-
-@dataclass
 class _Window:
-    adapter_id: str
-    name: str
-    version: int
-    key: str
-    rows: deque[_Row]
+    ref: AdapterRef
+    rows: deque[RowResult]
     new: int = 0
+    task: Task | None = None
     reference: dict[str, Any] | None = None
     reference_embeddings: torch.Tensor | None = None
     report: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +52,7 @@ class Monitor:
         self.store = store
         self.s = settings
         self.metrics = metrics
-        self._queue: queue.SimpleQueue[tuple[str, str, int, str, list[RowResult]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[AdapterRef | None, list[RowResult]] | None] = (
             queue.SimpleQueue()
         )
         self._windows: dict[str, _Window] = {}
@@ -76,17 +68,15 @@ class Monitor:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def observe(
-        self, adapter_id: str, name: str, version: int, key: str, rows: list[RowResult]
-    ) -> None:
+    def observe(self, ref: AdapterRef, rows: list[RowResult]) -> None:
         """Called on the request path: only a queue put."""
         self._idle.clear()
-        self._queue.put((adapter_id, name, version, key, rows))
+        self._queue.put((ref, rows))
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every observed row is processed (tests and reports)."""
         self._idle.clear()
-        self._queue.put(("", "", 0, "", []))  # a marker: once processed, what came before is too
+        self._queue.put((None, []))  # a marker: once processed, what came before is too
         return self._idle.wait(timeout)
 
     def forget(self, adapter_id: str) -> None:
@@ -99,7 +89,7 @@ class Monitor:
             w = self._windows.get(adapter_id)
             if w is None:
                 return {"status": "no traffic yet", "window_rows": 0}
-            return {**w.report, "window_rows": len(w.rows), "version": w.version}
+            return {**w.report, "window_rows": len(w.rows), "version": w.ref.version}
 
     # --- the background thread ---------------------------------------------------------------
 
@@ -108,30 +98,24 @@ class Monitor:
             item = self._queue.get()
             if item is None:
                 return
-            adapter_id, name, version, key, rows = item
-            if adapter_id:
+            ref, rows = item
+            if ref is not None:
                 try:
-                    self._add(adapter_id, name, version, key, rows)
+                    self._add(ref, rows)
                 except Exception:  # the monitor must never take serving down
-                    log.exception("monitor failed on %s", adapter_id)
+                    log.exception("monitor failed on %s", ref.adapter_id)
             if self._queue.empty():
                 self._idle.set()
 
-    def _add(
-        self, adapter_id: str, name: str, version: int, key: str, rows: list[RowResult]
-    ) -> None:
+    def _add(self, ref: AdapterRef, rows: list[RowResult]) -> None:
         with self._lock:
-            w = self._windows.get(adapter_id)
-            if w is None or w.version != version:  # a new live version starts a new window
-                w = _Window(adapter_id, name, version, key, deque(maxlen=self.s.drift_window))
-                self._windows[adapter_id] = w
-        for r in rows:
-            out = r.output
-            w.rows.append(
-                _Row(out.get("label"), out.get("score"), out.get("value"), r.tokens, r.pooled)
-            )
+            w = self._windows.get(ref.adapter_id)
+            if w is None or w.ref.version != ref.version:  # a new live version: a new window
+                w = _Window(ref, deque(maxlen=self.s.drift_window))
+                self._windows[ref.adapter_id] = w
+        w.rows.extend(rows)
         w.new += len(rows)
-        self.metrics.adapter_requests(adapter_id, name, len(rows))
+        self.metrics.adapter_requests(ref.adapter_id, ref.name, len(rows))
         if len(w.rows) >= self.s.drift_min_count and w.new >= self.s.drift_check_every:
             w.new = 0
             self._score(w)
@@ -139,11 +123,11 @@ class Monitor:
     def _load_reference(self, w: _Window) -> bool:
         if w.reference is not None:
             return True
+        key = w.ref.key
         try:
-            w.reference = json.loads(self.store.read(w.key, REFERENCE_JSON))
-            w.reference_embeddings = st_load(self.store.read(w.key, REFERENCE_TENSORS))[
-                "embeddings"
-            ]
+            w.task = tasks.from_meta(json.loads(self.store.read(key, META)))
+            w.reference = json.loads(self.store.read(key, REFERENCE_JSON))
+            w.reference_embeddings = st_load(self.store.read(key, REFERENCE_TENSORS))["embeddings"]
         except (StoreError, KeyError, ValueError) as e:
             w.report = {"status": f"no reference profile: {e}"}
             return False
@@ -154,36 +138,14 @@ class Monitor:
             return
         ref = w.reference
         assert ref is not None
+        assert w.task is not None
         rows = list(w.rows)
         signals: dict[str, dict[str, Any]] = {}
-        lengths = [r.tokens for r in rows]
-        signals["input_length"] = self._psi_signal(
-            ref["length_histogram"], histogram(lengths, ref["length_edges"]), ref["length_edges"]
+        edges = ref["length_edges"]
+        signals["input_length"] = psi_signal(
+            ref["length_histogram"], histogram([r.tokens for r in rows], edges), edges=edges
         )
-        if "label_distribution" in ref:
-            labels = list(ref["label_distribution"])
-            counts = Counter(r.label for r in rows)
-            reference = [ref["label_distribution"][lbl] for lbl in labels]
-            current = [counts.get(lbl, 0) for lbl in labels]
-            raw, noise, excess = psi_excess(reference, current)
-            signals["predicted_label"] = {
-                "psi": round(excess, 4),
-                "psi_raw": round(raw, 4),
-                "psi_noise": round(noise, 4),
-                "reference": dict(zip(labels, _shares(reference), strict=True)),
-                "current": dict(zip(labels, _shares(current), strict=True)),
-            }
-            conf = [r.confidence or 0.0 for r in rows]
-            signals["confidence"] = self._psi_signal(
-                ref["confidence_histogram"],
-                histogram(conf, ref["confidence_edges"]),
-                ref["confidence_edges"],
-            )
-        elif "value_histogram" in ref:
-            values = [r.value or 0.0 for r in rows]
-            signals["predicted_value"] = self._psi_signal(
-                ref["value_histogram"], histogram(values, ref["value_edges"]), ref["value_edges"]
-            )
+        signals.update(w.task.drift_signals(ref, [r.output for r in rows]))
         emb = self._embedding_signal(w, rows)
         if emb is not None:
             signals["embedding"] = emb
@@ -195,23 +157,9 @@ class Monitor:
         ]
         w.report = {"status": "scored", "signals": signals, "drifting": bool(drifted),
                     "drifted_signals": drifted, "rows_scored": len(rows)}  # fmt: skip
-        self.metrics.adapter_drift(w.adapter_id, w.name, signals, bool(drifted))
+        self.metrics.adapter_drift(w.ref.adapter_id, w.ref.name, signals, bool(drifted))
 
-    @staticmethod
-    def _psi_signal(
-        reference: Sequence[int], current: Sequence[int], edges: Sequence[float]
-    ) -> dict:
-        raw, noise, excess = psi_excess(reference, current)
-        return {
-            "psi": round(excess, 4),  # beyond what sampling noise alone would give
-            "psi_raw": round(raw, 4),
-            "psi_noise": round(noise, 4),
-            "edges": list(edges),
-            "reference": _shares(reference),
-            "current": _shares(current),
-        }
-
-    def _embedding_signal(self, w: _Window, rows: list[_Row]) -> dict[str, Any] | None:
+    def _embedding_signal(self, w: _Window, rows: list[RowResult]) -> dict[str, Any] | None:
         ref = w.reference_embeddings
         if ref is None or len(ref) < 2 or len(rows) < 2:
             return None
@@ -220,8 +168,3 @@ class Monitor:
         return {"mmd2": round(result.statistic, 6), "p_value": round(result.p_value, 4),
                 "bandwidth": round(result.bandwidth, 4), "reference_rows": len(ref),
                 "current_rows": len(current)}  # fmt: skip
-
-
-def _shares(counts: Sequence[float]) -> list[float]:
-    total = float(sum(counts)) or 1.0
-    return [round(c / total, 4) for c in counts]

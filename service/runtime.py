@@ -6,22 +6,20 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from loradock.adapters.base import BaseModel
-from loradock.adapters.device import dtype_name
-from loradock.adapters.engine import Engine
-from loradock.adapters.scheduling import PriorityGate
-from loradock.adapters.slots import SlotPool
-from loradock.adapters.store import ArtifactStore, open_store
+from loradock.adapters.artifacts.store import ArtifactStore, open_store
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.device import dtype_name
+from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.serving.engine import Engine
+from loradock.adapters.serving.slots import SlotPool
+from loradock.service.dataplane import DataPlane
 from loradock.service.db.registry import Database
-from loradock.service.errors import LoradockError, NotReady
+from loradock.service.errors import NotReady
 from loradock.service.jobs import JobRunner
 from loradock.service.metrics import Metrics, StateCollector
 from loradock.service.monitor import Monitor
 from loradock.service.ratelimit import TenantRateLimiter
-from loradock.service.serving import Serving
 from loradock.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ class Runtime:
         self.base: BaseModel | None = None
         self.jobs: JobRunner | None = None
         self.engine: Engine | None = None
-        self.serving: Serving | None = None  # set by the app once the event loop runs
+        self.serving: DataPlane | None = None  # set by the app once the event loop runs
         self.gate = PriorityGate()  # serving work holds it; training steps yield to it
         self.error: str | None = None
         self._phase = Phase.STARTING
@@ -97,28 +95,11 @@ class Runtime:
         assert self.base is not None
         return list(self.settings.serve_target_modules or self.base.default_target_modules())
 
-    def require_serving(self) -> Serving:
+    def require_serving(self) -> DataPlane:
         self.require_ready()
         if self.serving is None:
             raise NotReady("the inference engine is starting")
         return self.serving
-
-    @contextmanager
-    def metrics_for(self, protocol: str, rows: int) -> Iterator[None]:
-        """Count and time one predict request; failures by a bounded reason."""
-        m = self.metrics
-        started = time.perf_counter()
-        try:
-            yield
-        except LoradockError as e:
-            m.predict_failures.labels(protocol, m.failure_reason(e.status)).inc()
-            raise
-        except Exception:
-            m.predict_failures.labels(protocol, "internal").inc()
-            raise
-        m.predict_requests.labels(protocol).inc()
-        m.predict_rows.inc(rows)
-        m.predict_seconds.labels(protocol).observe(time.perf_counter() - started)
 
     def begin_drain(self) -> None:
         """Fail readiness from now on; in-flight work continues."""

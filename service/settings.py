@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     predict_burst: float = Field(
         100.0, ge=1, description="Predict requests a tenant may send at once above its rate."
     )
+    events_keepalive_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A job event stream sends a keep-alive comment after this long without "
+        "news, so proxies with idle timeouts (often 60 s) keep it open.",
+    )
     live_poll_seconds: float = Field(
         1.0, ge=0, le=3600, description="How stale a cached live version may be (other replicas)."
     )
@@ -184,7 +191,7 @@ class Settings(BaseSettings):
         return self.data_dir / "bootstrap-key"
 
     def resolved_base_model(self) -> Path:
-        from loradock.adapters.base import default_base_model_path
+        from loradock.adapters.core.base import default_base_model_path
 
         return self.base_model or default_base_model_path()
 

@@ -26,7 +26,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from loradock.adapters import store
+from loradock.adapters.artifacts import store
 
 
 def die() -> None:

@@ -11,25 +11,14 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from loradock.adapters.artifacts import META
-from loradock.adapters.data import (
-    Dataset,
-    DatasetError,
-    check_split_feasible,
-    check_validation_labels,
-    parse_upload,
-    remove_leakage,
-    validate_rows,
-)
-from loradock.adapters.importing import ImportRejected, ImportTooLarge, read_zip, validate_import
-from loradock.adapters.store import MANIFEST, StoreError, artifact_key
-from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, now, require
-from loradock.service.api.lookup import find_adapter, find_version
+from loradock.adapters import tasks
+from loradock.adapters.artifacts.store import MANIFEST, StoreError
+from loradock.adapters.training.data import DatasetError, parse_upload
+from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.schemas import (
     NAME_PATTERN,
     AdapterAndJob,
@@ -40,22 +29,16 @@ from loradock.service.api.schemas import (
     VersionCreate,
     VersionOut,
 )
-from loradock.service.db.models import Adapter, Job, Version, new_id
-from loradock.service.errors import (
-    Conflict,
-    NotFound,
-    PayloadTooLarge,
-    TooManyRequests,
-    Unprocessable,
-)
-from loradock.service.jobs import DATASET_FILE, dataset_key, encode_dataset
-from loradock.service.runtime import Runtime
+from loradock.service.control import Control, Queued, TrainRequest, dataset_problem
+from loradock.service.db.models import Adapter, Job, Version
+from loradock.service.db.registry import Database
+from loradock.service.errors import Conflict, NotFound, Unprocessable
+from loradock.service.lookup import find_adapter, find_version
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
 T = TypeVar("T", bound=VersionCreate)
 TrainDep = Depends(require("train"))
 ReadDep = Depends(require("predict"))
-ACTIVE_JOB = ("queued", "running")
 
 
 def _body_doc(schema: str) -> dict[str, Any]:
@@ -74,7 +57,7 @@ def _body_doc(schema: str) -> dict[str, Any]:
     required = ["training_file"]
     if schema == "AdapterCreate":
         form_fields["name"] = {"type": "string"}
-        form_fields["task"] = {"type": "string", "enum": ["classification", "regression"]}
+        form_fields["task"] = {"type": "string", "enum": tasks.names()}
         required.append("name")
     return {
         "requestBody": {
@@ -129,42 +112,51 @@ def job_out(job: Job) -> JobOut:
 # --- request parsing ---------------------------------------------------------------------------
 
 
-async def _parse_body(request: Request, model: type[T]) -> T:
-    """A JSON body, or a multipart form with training_file (JSONL/CSV) and form fields."""
+async def _read_body(request: Request) -> dict[str, Any] | bytes:
+    """The raw request: JSON bytes, or a multipart form's fields and file bytes (not parsed yet:
+    parsing and validating up to max_dataset_rows rows happens in the thread pool)."""
     ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        return await _parse_multipart(request, model)
-    try:
-        raw = await request.body()
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Unprocessable(f"body is not valid JSON: {e}") from e
-    return _validate(model, body)
-
-
-async def _parse_multipart(request: Request, model: type[T]) -> T:
+    if not ctype.startswith("multipart/form-data"):
+        return await request.body()
     form = await request.form(max_files=2, max_fields=20)
-    body: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key not in ("training_file", "validation_file"):
                 raise Unprocessable(f"unexpected file field {key!r}")
-            raw = await value.read()
+            fields[key] = (await value.read(), value.filename)
+        else:
+            fields[key] = value
+    return fields
+
+
+def _parse_body(raw: dict[str, Any] | bytes, model: type[T]) -> T:
+    """A JSON body, or a multipart form with training_file (JSONL/CSV) and form fields."""
+    if isinstance(raw, bytes):
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Unprocessable(f"body is not valid JSON: {e}") from e
+        return _validate(model, body)
+    form: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("training_file", "validation_file"):
+            data, filename = value
             target = "training_data" if key == "training_file" else "validation_data"
             try:
-                body[target] = parse_upload(raw, value.filename, target)
+                form[target] = parse_upload(data, filename, target)
             except DatasetError as e:
-                raise _dataset_problem(e) from e
+                raise dataset_problem(e) from e
         elif key == "hyperparameters":
             try:
-                body[key] = json.loads(str(value)) if str(value).strip() else {}
+                form[key] = json.loads(str(value)) if str(value).strip() else {}
             except json.JSONDecodeError as e:
                 raise Unprocessable(f"hyperparameters: not a JSON object: {e}") from e
         else:
-            body[key] = value
-    if "training_data" not in body:
+            form[key] = value
+    if "training_data" not in form:
         raise Unprocessable("multipart upload needs a training_file (JSONL or CSV)")
-    return _validate(model, body)
+    return _validate(model, form)
 
 
 def _validate(model: type[T], body: Any) -> T:
@@ -180,123 +172,23 @@ def _validate(model: type[T], body: Any) -> T:
         raise Unprocessable(f"{where}: {first['msg']}", extra={"errors": errors}) from e
 
 
-def _dataset_problem(e: DatasetError) -> Unprocessable:
-    return Unprocessable(str(e), extra={"errors": [p.as_dict() for p in e.problems]})
-
-
-def _check_servable(runtime: Runtime, body: VersionCreate) -> None:
-    """Refuse to train what the serving slots could not hold."""
-    hp = body.hyperparameters
-    limit = runtime.settings.max_lora_rank
-    if hp.rank > limit:
-        raise Unprocessable(
-            f"hyperparameters.rank: {hp.rank} > max_lora_rank {limit} of this server "
-            "(setting LORADOCK_MAX_LORA_RANK)"
-        )
-    served = runtime.serve_targets()
-    unknown = sorted(set(hp.target_modules or []) - set(served))
-    if unknown:
-        raise Unprocessable(
-            f"hyperparameters.target_modules: {unknown} are not served by this server "
-            f"(serving targets: {served}; setting LORADOCK_SERVE_TARGET_MODULES)"
-        )
-
-
-def _datasets(runtime: Runtime, task: str, body: VersionCreate) -> tuple[Dataset, Dataset | None]:
-    _check_servable(runtime, body)
-    s = runtime.settings
-    try:
-        train = validate_rows(
-            body.training_data,
-            task,  # type: ignore[arg-type]
-            max_rows=s.max_dataset_rows,
-            max_text_chars=s.max_text_chars,
-        )
-        val = None
-        if body.validation_data is not None:
-            val = validate_rows(
-                body.validation_data,
-                task,  # type: ignore[arg-type]
-                max_rows=s.max_dataset_rows,
-                max_text_chars=s.max_text_chars,
-                dataset="validation_data",
-                min_rows=2,
-            )
-            check_validation_labels(train, val)
-            remove_leakage(train, val)
-        else:
-            check_split_feasible(train, body.validation_split)
-    except DatasetError as e:
-        raise _dataset_problem(e) from e
-    return train, val
-
-
-def _queue(
-    runtime: Runtime,
-    s: Session,
-    principal: Principal,
-    adapter: Adapter,
-    version: int,
-    body: VersionCreate,
-    train: Dataset,
-    val: Dataset | None,
-) -> Job:
-    """Store the dataset, then add version + job rows (the caller's transaction commits them)."""
-    assert runtime.store is not None
-    waiting = s.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.tenant_id == principal.tenant_id, Job.status == "queued")
+def _train_request(body: VersionCreate) -> TrainRequest:
+    return TrainRequest(
+        training_data=body.training_data,
+        validation_data=body.validation_data,
+        validation_split=body.validation_split,
+        hyperparameters=body.hyperparameters,
+        promote=body.promote,
     )
-    limit = runtime.settings.max_queued_jobs_per_tenant
-    if (waiting or 0) >= limit:
-        raise TooManyRequests(
-            f"this tenant has {waiting} jobs waiting to train, the limit is {limit} "
-            "(setting LORADOCK_MAX_QUEUED_JOBS_PER_TENANT); retry when one has started",
-            retry_after=30,
-        )
-    job = Job(
-        id=new_id("job"),
-        tenant_id=principal.tenant_id,
-        adapter_id=adapter.id,
-        version=version,
-        status="queued",
-        spec={
-            "hyperparameters": body.hyperparameters.model_dump(exclude_defaults=True),
-            "promote": body.promote,
-        },
-        created_at=now(),
-    )
-    runtime.store.publish(
-        dataset_key(principal.tenant_id, adapter.id, job.id),
-        {DATASET_FILE: encode_dataset(adapter.task, train, val, body.validation_split)},
-    )
-    s.add(
-        Version(
-            adapter_id=adapter.id,
-            version=version,
-            status="training",
-            hyperparameters=body.hyperparameters.model_dump(),
-            report={"warnings": train.warnings + (val.warnings if val else [])},
-            created_at=now(),
-        )
-    )
-    s.add(job)
-    return job
 
 
-def _check_new_adapter(s: Session, runtime: Runtime, tenant_id: str, name: str) -> None:
-    count = s.scalar(
-        select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id)
-    )
-    limit = runtime.settings.max_adapters_per_tenant
-    if (count or 0) >= limit:
-        raise Conflict(
-            f"this tenant has {count} adapters, the limit is {limit} "
-            "(setting LORADOCK_MAX_ADAPTERS_PER_TENANT); delete one first"
-        )
-    if s.scalar(select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name)):
-        raise Conflict(f"an adapter named {name!r} already exists")
+def _adapter_and_job(db: Database, queued: Queued) -> AdapterAndJob:
+    with db.session() as s:
+        adapter = s.get(Adapter, queued.adapter_id)
+        job = s.get(Job, queued.job_id)
+        assert adapter is not None
+        assert job is not None
+        return AdapterAndJob(adapter=adapter_out(s, adapter), job=job_out(job))
 
 
 # --- routes ------------------------------------------------------------------------------------
@@ -314,31 +206,16 @@ async def create_adapter(
     db: DatabaseDep,
     principal: Principal = TrainDep,
 ) -> AdapterAndJob:
-    body = await _parse_body(request, AdapterCreate)
-    train, val = _datasets(runtime, body.task, body)
-    try:
-        with db.session() as s:
-            _check_new_adapter(s, runtime, principal.tenant_id, body.name)
-            adapter = Adapter(
-                id=new_id("ad"),
-                tenant_id=principal.tenant_id,
-                name=body.name,
-                task=body.task,
-                labels=train.labels,
-                status="training",
-                created_at=now(),
-                updated_at=now(),
-            )
-            s.add(adapter)
-            s.flush()
-            job = _queue(runtime, s, principal, adapter, 1, body, train, val)
-            s.flush()
-            result = AdapterAndJob(adapter=adapter_out(s, adapter), job=job_out(job))
-    except IntegrityError as e:
-        raise Conflict(f"an adapter named {body.name!r} already exists") from e
-    if runtime.jobs is not None:
-        runtime.jobs.wake()
-    return result
+    raw = await _read_body(request)
+
+    def create() -> AdapterAndJob:
+        body = _parse_body(raw, AdapterCreate)
+        queued = Control(runtime).create(
+            principal.tenant_id, body.name, body.task, _train_request(body)
+        )
+        return _adapter_and_job(db, queued)
+
+    return await run_in_threadpool(create)
 
 
 _IMPORT_DOC = {
@@ -399,72 +276,14 @@ async def import_adapter(
     if given is not None and not isinstance(given, str):
         raise Unprocessable("name: must be a form field, not a file")
     name = _import_name(given, upload.filename)
-    cap = runtime.settings.max_import_bytes
-    data = await upload.read(cap + 1)
-    serving = runtime.require_serving()
-    base = serving.engine.base
-    try:
-        files = read_zip(data, max_bytes=cap)
-        imported = await run_in_threadpool(
-            validate_import,
-            files,
-            base,
-            served_modules=serving.engine.pool.names,
-            max_rank=serving.engine.pool.max_rank,
-        )
-    except ImportTooLarge as e:
-        raise PayloadTooLarge(f"{e} (setting LORADOCK_MAX_IMPORT_BYTES)") from e
-    except ImportRejected as e:
-        raise Unprocessable(f"file: {e}") from e
-    with db.session() as s:  # fail fast before writing anything
-        _check_new_adapter(s, runtime, principal.tenant_id, name)
-    adapter_id = new_id("ad")
-    key = artifact_key(principal.tenant_id, adapter_id, 1)
-    origin = {k: imported.meta.get(k) for k in ("adapter_id", "version")}
-    meta = {**imported.meta, "adapter_id": adapter_id, "version": 1, "imported_from": origin}
-    files = {**imported.files, META: json.dumps(meta, indent=2, sort_keys=True).encode()}
-    assert runtime.store is not None
-    await run_in_threadpool(runtime.store.publish, key, files, {"adapter_id": adapter_id})
-    try:
+    data = await upload.read(runtime.settings.max_import_bytes + 1)
+
+    def imported() -> AdapterOut:
+        adapter_id = Control(runtime).import_version(principal.tenant_id, name, data)
         with db.session() as s:
-            _check_new_adapter(s, runtime, principal.tenant_id, name)
-            adapter = Adapter(
-                id=adapter_id,
-                tenant_id=principal.tenant_id,
-                name=name,
-                task=imported.task,
-                labels=imported.labels,
-                status="ready",
-                live_version=1,
-                created_at=now(),
-                updated_at=now(),
-            )
-            s.add(adapter)
-            s.flush()
-            metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-            baseline = meta.get("baseline") if isinstance(meta.get("baseline"), dict) else {}
-            s.add(
-                Version(
-                    adapter_id=adapter_id,
-                    version=1,
-                    status="ready",
-                    hyperparameters=meta.get("hyperparameters") or {},
-                    metrics={**(metrics or {}), "winner": meta.get("winner")},
-                    history=[],
-                    baseline=baseline or {},
-                    report={"labels": imported.labels, "imported_from": origin},
-                    artifact_key=key,
-                    base_fingerprint=base.fingerprint,
-                    created_at=now(),
-                )
-            )
-            s.flush()
-            return adapter_out(s, adapter)
-    except BaseException as e:
-        runtime.store.delete(key)  # no registry row: the artifact must not outlive the attempt
-        if isinstance(e, IntegrityError):
-            raise Conflict(f"an adapter named {name!r} already exists") from e
-        raise
+            return adapter_out(s, find_adapter(s, principal.tenant_id, adapter_id))
+
+    return await run_in_threadpool(imported)
 
 
 @router.get("/adapters", response_model=AdapterList)
@@ -486,25 +305,9 @@ def get_adapter(adapter: str, db: DatabaseDep, principal: Principal = ReadDep) -
 
 @router.delete("/adapters/{adapter}", status_code=204, response_class=Response)
 def delete_adapter(
-    adapter: str, runtime: ReadyRuntimeDep, db: DatabaseDep, principal: Principal = TrainDep
+    adapter: str, runtime: ReadyRuntimeDep, principal: Principal = TrainDep
 ) -> Response:
-    with db.session() as s:
-        row = find_adapter(s, principal.tenant_id, adapter)
-        adapter_id = row.id
-        active = s.scalars(
-            select(Job.id).where(Job.adapter_id == adapter_id, Job.status.in_(ACTIVE_JOB))
-        ).all()
-        s.delete(row)  # versions, jobs and feedback go with it (ON DELETE CASCADE)
-    if runtime.jobs is not None:
-        for job_id in active:
-            runtime.jobs.cancel(job_id)
-    if runtime.serving is not None:  # stops serving at once; its slots free after in-flight use
-        runtime.serving.live.invalidate(adapter_id)
-        runtime.serving.engine.pool.drop(adapter_id)
-    if runtime.monitor is not None:
-        runtime.monitor.forget(adapter_id)
-    assert runtime.store is not None
-    runtime.store.delete_prefix(f"{principal.tenant_id}/{adapter_id}")
+    Control(runtime).delete(principal.tenant_id, adapter)
     return Response(status_code=204)
 
 
@@ -521,29 +324,14 @@ async def create_version(
     db: DatabaseDep,
     principal: Principal = TrainDep,
 ) -> AdapterAndJob:
-    body = await _parse_body(request, VersionCreate)
-    with db.session() as s:
-        task = find_adapter(s, principal.tenant_id, adapter).task
-    train, val = _datasets(runtime, task, body)
-    try:
-        with db.session() as s:
-            row = find_adapter(s, principal.tenant_id, adapter)
-            busy = s.scalar(
-                select(Job.id).where(Job.adapter_id == row.id, Job.status.in_(ACTIVE_JOB))
-            )
-            if busy:
-                raise Conflict(
-                    f"adapter {row.name!r} is already training (job {busy}); wait or cancel it"
-                )
-            latest = s.scalar(select(func.max(Version.version)).where(Version.adapter_id == row.id))
-            job = _queue(runtime, s, principal, row, (latest or 0) + 1, body, train, val)
-            s.flush()
-            result = AdapterAndJob(adapter=adapter_out(s, row), job=job_out(job))
-    except IntegrityError as e:
-        raise Conflict("another version was created at the same time; retry") from e
-    if runtime.jobs is not None:
-        runtime.jobs.wake()
-    return result
+    raw = await _read_body(request)
+
+    def retrain() -> AdapterAndJob:
+        body = _parse_body(raw, VersionCreate)
+        queued = Control(runtime).retrain(principal.tenant_id, adapter, _train_request(body))
+        return _adapter_and_job(db, queued)
+
+    return await run_in_threadpool(retrain)
 
 
 @router.get("/adapters/{adapter}/versions/{version}", response_model=VersionOut)
@@ -564,21 +352,9 @@ def promote_version(
     principal: Principal = TrainDep,
 ) -> AdapterOut:
     """Make `version` live (also how to roll back). In-flight requests finish on the old one."""
+    adapter_id = Control(runtime).promote(principal.tenant_id, adapter, version)
     with db.session() as s:
-        row = find_adapter(s, principal.tenant_id, adapter)
-        ver = find_version(s, row, version)
-        if ver.status != "ready":
-            raise Conflict(f"version {version} is {ver.status}, only a ready version can be live")
-        row.live_version = ver.version
-        row.labels = (ver.report or {}).get("labels", row.labels)
-        row.status = "ready"
-        row.updated_at = now()
-        s.flush()
-        out = adapter_out(s, row)
-    # committed: from now on every request resolves to the new version
-    if runtime.serving is not None:
-        runtime.serving.live.invalidate(out.id)
-    return out
+        return adapter_out(s, find_adapter(s, principal.tenant_id, adapter_id))
 
 
 @router.get(

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 
 from loradock.service.api.adapters import job_out
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
-from loradock.service.api.lookup import find_adapter, find_job
 from loradock.service.api.schemas import JobList, JobOut
 from loradock.service.db.models import Job
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict
 from loradock.service.jobs import TERMINAL, finish_cancelled
+from loradock.service.lookup import find_adapter, find_job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 ReadDep = Depends(require("predict"))
@@ -65,61 +65,81 @@ def cancel_job(
     return out
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
-
-
 def _snapshot(db: Database, job_id: str) -> JobOut | None:
     with db.session() as s:
         job = s.get(Job, job_id)
         return job_out(job) if job is not None else None
 
 
+def _own_job(job_id: str, db: DatabaseDep, principal: Principal = ReadDep) -> str:
+    """404 before the stream starts when the job is not the caller's."""
+    with db.session() as s:
+        return find_job(s, principal.tenant_id, job_id).id
+
+
+def _resume_point(last_event_id: str | None) -> tuple[int, int]:
+    """(attempt, epochs already received) from a `Last-Event-ID` of `<attempt>-<index>`."""
+    try:
+        attempt, index = (last_event_id or "").split("-", 1)
+        return int(attempt), int(index) + 1
+    except ValueError:
+        return 0, 0
+
+
 @router.get(
     "/jobs/{job_id}/events",
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def job_events(
-    job_id: str, request: Request, db: DatabaseDep, principal: Principal = ReadDep
-) -> StreamingResponse:
-    """Server-sent events until the job ends: `status`, `progress`, `epoch` (one per validation),
-    and a final `end` with the whole job. Reconnecting replays the epochs so far."""
-    with db.session() as s:
-        find_job(s, principal.tenant_id, job_id)
-
-    async def stream() -> AsyncIterator[bytes]:
-        sent_epochs = 0
-        last_status = None
-        last_progress: dict[str, Any] | None = None
-        while True:
-            job = await asyncio.to_thread(_snapshot, db, job_id)
-            if job is None:
-                yield _sse("end", {"id": job_id, "status": "deleted"})
-                return
-            ended = job.status in TERMINAL
-            if job.status != last_status and not ended:
-                last_status = job.status
-                yield _sse("status", {"id": job.id, "status": job.status})
-            if len(job.history) < sent_epochs:  # a new cross-validation fold restarted it
-                sent_epochs = 0
-            for record in job.history[sent_epochs:]:
-                yield _sse("epoch", record)
-            sent_epochs = len(job.history)
-            if job.progress != last_progress:
-                last_progress = job.progress
-                yield _sse("progress", job.progress)
-            if ended:  # after the last epochs and progress, so a final status is really final
-                if job.status != last_status:
-                    yield _sse("status", {"id": job.id, "status": job.status})
-                yield _sse("end", job.model_dump(mode="json"))
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(POLL_SECONDS)
-
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    request: Request,
+    runtime: ReadyRuntimeDep,
+    db: DatabaseDep,
+    job_id: str = Depends(_own_job),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events until the job ends: `status`, `progress`, `epoch` (one per stored
+    validation record, each exactly once, every fold's and the final fit's), and a final `end`
+    with the whole job. Epochs carry `id: <attempt>-<index>`: reconnecting with `Last-Event-ID`
+    resumes after that epoch (a new attempt of a re-queued job starts its epochs over). A
+    `: keep-alive` comment goes out whenever nothing else was sent for a while, so proxies with
+    idle timeouts keep the stream open while the job waits or trains."""
+    resume_attempt, sent = _resume_point(last_event_id)
+    keepalive = runtime.settings.events_keepalive_seconds
+    last_status = None
+    last_progress: dict[str, Any] | None = None
+    last_sent = time.monotonic()
+    while True:
+        job = await asyncio.to_thread(_snapshot, db, job_id)
+        if job is None:
+            yield ServerSentEvent(event="end", data={"id": job_id, "status": "deleted"})
+            return
+        if job.attempts != resume_attempt:  # a new attempt writes a new history
+            resume_attempt, sent = job.attempts, 0
+        out: list[ServerSentEvent] = []
+        ended = job.status in TERMINAL
+        if job.status != last_status and not ended:
+            last_status = job.status
+            out.append(ServerSentEvent(event="status", data={"id": job.id, "status": job.status}))
+        for i in range(sent, len(job.history)):
+            out.append(
+                ServerSentEvent(event="epoch", data=job.history[i], id=f"{job.attempts}-{i}")
+            )
+        sent = max(sent, len(job.history))
+        if job.progress != last_progress:
+            last_progress = job.progress
+            out.append(ServerSentEvent(event="progress", data=job.progress))
+        if ended:  # after the last epochs and progress, so a final status is really final
+            if job.status != last_status:
+                out.append(
+                    ServerSentEvent(event="status", data={"id": job.id, "status": job.status})
+                )
+            out.append(ServerSentEvent(event="end", data=job.model_dump(mode="json")))
+        if not out and time.monotonic() - last_sent >= keepalive:
+            out.append(ServerSentEvent(comment="keep-alive"))
+        for event in out:
+            yield event
+            last_sent = time.monotonic()
+        if ended or await request.is_disconnected():
+            return
+        await asyncio.sleep(POLL_SECONDS)

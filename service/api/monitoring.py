@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import case, func, select
 
+from loradock.adapters.tasks.base import Task
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, now, require
-from loradock.service.api.lookup import find_adapter
-from loradock.service.api.predict import check_inputs
 from loradock.service.db.models import Feedback, Version
 from loradock.service.errors import Unprocessable
+from loradock.service.jobs import version_served
+from loradock.service.lookup import find_adapter
 
 router = APIRouter(prefix="/v1", tags=["monitoring"])
 ReadDep = Depends(require("predict"))
@@ -51,37 +52,37 @@ async def feedback(
 ) -> dict[str, Any]:
     """True labels for texts: each is predicted by the live version and stored, so the report can
     show accuracy on live traffic next to validation accuracy."""
-    texts = [i.text for i in body.items]
-    check_inputs(runtime, texts)
-    serving = runtime.require_serving()
-    target = await asyncio.to_thread(serving.live.resolve, principal.tenant_id, adapter, None)
-    if target.task == "classification":
-        with db.session() as s:
-            known = set(find_adapter(s, principal.tenant_id, adapter).labels or [])
+    labels: list[str] = []
+
+    def check(task: Task) -> None:  # before any compute: labels this adapter can predict
         for n, item in enumerate(body.items):
-            if str(item.label) not in known:
-                raise Unprocessable(
-                    f"items[{n}].label {item.label!r} is not a label of {target.name!r}"
-                )
-    results = await serving.predict(target, texts, observe=False)
+            try:
+                labels.append(task.check_feedback_label(item.label))
+            except ValueError as e:
+                raise Unprocessable(f"items[{n}].label: {e}") from None
+
+    answer = await runtime.require_serving().predict(
+        principal.tenant_id, adapter, None, [i.text for i in body.items],
+        protocol="feedback", observe=False, check=check,
+    )  # fmt: skip
 
     def store() -> None:
         with db.session() as s:
-            for item, r in zip(body.items, results, strict=True):
-                predicted = r.output.get("label", r.output.get("value"))
+            for item, label, prediction in zip(body.items, labels, answer.predictions,
+                                               strict=True):  # fmt: skip
                 s.add(
                     Feedback(
-                        adapter_id=target.adapter_id,
-                        version=target.version,
+                        adapter_id=answer.ref.adapter_id,
+                        version=answer.ref.version,
                         text=item.text,
-                        label=str(item.label),
-                        predicted=str(predicted),
+                        label=label,
+                        predicted=answer.task.prediction_value(prediction),
                         created_at=now(),
                     )
                 )
 
     await asyncio.to_thread(store)
-    return {"accepted": len(results), "version": target.version}
+    return {"accepted": len(answer.predictions), "version": answer.ref.version}
 
 
 def _live_accuracy(db: Any, adapter_id: str, version: int | None, val_acc: float | None) -> dict:
@@ -156,10 +157,12 @@ def _drift_flags(drift: dict[str, Any]) -> list[str]:
 
 
 @router.get("/adapters/{adapter}/monitoring")
-async def monitoring(
+def monitoring(
     adapter: str, runtime: ReadyRuntimeDep, db: DatabaseDep, principal: Principal = ReadDep
 ) -> dict[str, Any]:
-    """Training history, overfitting verdict, drift per signal, live accuracy, plain flags."""
+    """Training history, the served model's validation metrics, overfitting verdict, drift per
+    signal, live accuracy, plain flags. (A plain `def`: its database and monitor work runs in
+    the thread pool, never on the event loop that batches predictions.)"""
     with db.session() as s:
         row = find_adapter(s, principal.tenant_id, adapter)
         ver = None
@@ -171,6 +174,7 @@ async def monitoring(
             )
         adapter_id, name, live = row.id, row.name, row.live_version
         overfitting, flags = _overfitting(ver)
+        served = version_served(ver) if ver is not None else {}
         training = {
             "history": ver.history if ver else [],
             "metrics": {k: v for k, v in (ver.metrics or {}).items() if k != "per_class"}
@@ -179,19 +183,20 @@ async def monitoring(
             "baseline": {k: v for k, v in (ver.baseline or {}).items() if k != "per_class"}
             if ver
             else {},
+            "served": served,
             "warnings": (ver.report or {}).get("warnings", []) if ver else [],
         }
-        val_acc = (ver.metrics or {}).get("val_accuracy") if ver else None
+    val_acc = served.get("val_accuracy")
     drift: dict[str, Any] = {"status": "monitor not running"}
     if runtime.monitor is not None:
-        await asyncio.to_thread(runtime.monitor.drain, 10.0)
+        runtime.monitor.drain(10.0)
         drift = runtime.monitor.report(adapter_id)
     flags += _drift_flags(drift)
-    live_acc = await asyncio.to_thread(_live_accuracy, db, adapter_id, live, val_acc)
+    live_acc = _live_accuracy(db, adapter_id, live, val_acc)
     if live_acc.get("gap") is not None and live_acc["items"] >= 20 and live_acc["gap"] > 0.1:
         flags.append(
             f"live accuracy {live_acc['accuracy']:.0%} on {live_acc['items']} labelled items is "
-            f"{live_acc['gap']:.0%} below validation accuracy {val_acc:.0%}"
+            f"{live_acc['gap']:.0%} below the served model's validation accuracy {val_acc:.0%}"
         )
     return {
         "adapter": adapter_id,

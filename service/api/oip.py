@@ -14,14 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
 
 from loradock.service.api.deps import Principal, ReadyRuntimeDep, RuntimeDep, require
-from loradock.service.api.predict import check_inputs
-from loradock.service.db.models import Version
-from loradock.service.errors import BadRequest, LoradockError
+from loradock.service.errors import BadRequest, LoradockError, Unprocessable
 from loradock.service.runtime import Phase
-from loradock.service.serving import Target
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 ReadDep = Depends(require("predict"))
@@ -68,44 +64,20 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "loradock", "version": package_version("loradock"), "extensions": []}
 
 
-def _labels_of(runtime: ReadyRuntimeDep, target: Target) -> list[str]:
-    assert runtime.db is not None
-    with runtime.db.session() as s:
-        ver = s.scalar(
-            select(Version).where(
-                Version.adapter_id == target.adapter_id, Version.version == target.version
-            )
-        )
-        return list((ver.report or {}).get("labels", [])) if ver is not None else []
-
-
-def _outputs_meta(task: str, labels: list[str]) -> list[dict[str, Any]]:
-    if task == "regression":
-        return [{"name": "value", "datatype": "FP32", "shape": [-1]}]
-    return [
-        {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        {"name": "scores", "datatype": "FP32", "shape": [-1, len(labels)]},
-    ]
-
-
-async def _resolve(runtime: ReadyRuntimeDep, principal: Principal, model: str, ver: int | None):
-    serving = runtime.require_serving()
-    return serving, await asyncio.to_thread(serving.live.resolve, principal.tenant_id, model, ver)
-
-
 @router.get("/models/{model}")
 async def model_metadata(
     model: str, runtime: ReadyRuntimeDep, principal: Principal = ReadDep
 ) -> dict[str, Any]:
-    _, target = await _resolve(runtime, principal, model, None)
-    labels = await asyncio.to_thread(_labels_of, runtime, target)
+    answer = await runtime.require_serving().task_of(principal.tenant_id, model, None)
+    ref, task = answer.ref, answer.task
+    outputs = [{k: v for k, v in o.items() if k != "data"} for o in task.output_tensors([])]
     return {
-        "name": target.name,
-        "versions": [str(target.version)],
+        "name": ref.name,
+        "versions": [str(ref.version)],
         "platform": "loradock",
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": _outputs_meta(target.task, labels),
-        "parameters": {"adapter_id": target.adapter_id, "labels": labels, "task": target.task},
+        "outputs": outputs,
+        "parameters": {"adapter_id": ref.adapter_id, "labels": task.labels, "task": task.name},
     }
 
 
@@ -113,13 +85,14 @@ async def model_metadata(
 async def model_ready(
     model: str, runtime: ReadyRuntimeDep, principal: Principal = ReadDep
 ) -> JSONResponse:
+    plane = runtime.require_serving()
     try:
-        _, target = await _resolve(runtime, principal, model, None)
+        ref = await asyncio.to_thread(plane.live.resolve, principal.tenant_id, model, None)
     except LoradockError as e:
         if e.status == 404:
             raise
         return JSONResponse({"name": model, "ready": False, "error": e.detail}, status_code=503)
-    return JSONResponse({"name": target.name, "ready": True})
+    return JSONResponse({"name": ref.name, "ready": True})
 
 
 def _texts(req: InferRequest) -> list[str]:
@@ -146,29 +119,13 @@ def _texts(req: InferRequest) -> list[str]:
 async def _infer(
     model: str, ver: int | None, req: InferRequest, runtime: ReadyRuntimeDep, principal: Principal
 ) -> dict[str, Any]:
-    with runtime.metrics_for("v2", len(req.inputs[0].data) if req.inputs else 0):
-        runtime.rate_limiter.take(principal.tenant_id)
-        texts = _texts(req)
-        try:
-            check_inputs(runtime, texts)
-        except LoradockError as e:
-            raise BadRequest(e.detail) from e
-        serving, target = await _resolve(runtime, principal, model, ver)
-        results = await serving.predict(target, texts)
-    n = len(results)
-    if target.task == "regression":
-        outputs = [
-            {"name": "value", "datatype": "FP32", "shape": [n],
-             "data": [r.output["value"] for r in results]},
-        ]  # fmt: skip
-    else:
-        labels = list(results[0].output["scores"]) if results else []
-        outputs = [
-            {"name": "label", "datatype": "BYTES", "shape": [n],
-             "data": [r.output["label"] for r in results]},
-            {"name": "scores", "datatype": "FP32", "shape": [n, len(labels)],
-             "data": [r.output["scores"][lbl] for r in results for lbl in labels]},
-        ]  # fmt: skip
+    texts = _texts(req)
+    plane = runtime.require_serving()
+    try:
+        answer = await plane.predict(principal.tenant_id, model, ver, texts, protocol="v2")
+    except Unprocessable as e:  # the protocol answers bad inputs with 400
+        raise BadRequest(e.detail) from e
+    outputs = answer.task.output_tensors(answer.predictions)
     if req.outputs:
         wanted = {o.name for o in req.outputs}
         unknown = wanted - {o["name"] for o in outputs}
@@ -176,8 +133,8 @@ async def _infer(
             raise BadRequest(f"unknown requested outputs {sorted(unknown)}")
         outputs = [o for o in outputs if o["name"] in wanted]
     body: dict[str, Any] = {
-        "model_name": target.name,
-        "model_version": str(target.version),
+        "model_name": answer.ref.name,
+        "model_version": str(answer.ref.version),
         "outputs": outputs,
     }
     if req.id is not None:

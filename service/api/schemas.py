@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loradock.adapters.trainer import Hyperparameters
+from loradock.adapters import tasks
+from loradock.adapters.training.hyperparameters import Hyperparameters
 
 Scope = Literal["admin", "train", "predict"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -46,7 +47,6 @@ class KeyOut(BaseModel):
 
 # --- adapters, versions, jobs ------------------------------------------------------------------
 
-Task = Literal["classification", "regression"]
 Promote = Literal["always", "if_better", "never"]
 ROWS_DOC = (
     'Rows {"text": str, "label": str (classification) or number (regression), "group": optional '
@@ -72,7 +72,17 @@ class VersionCreate(Strict):
 
 class AdapterCreate(VersionCreate):
     name: str = Field(pattern=NAME_PATTERN, description="Unique per tenant.")
-    task: Task = "classification"
+    task: str = Field(
+        tasks.names()[0],
+        json_schema_extra={"enum": tasks.names()},
+        description="A task this server knows (one plugin each).",
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        tasks.get(v)  # UnknownTask (a ValueError) names the known ones
+        return v
 
 
 class VersionOut(BaseModel):

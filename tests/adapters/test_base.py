@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from loradock.adapters.base import BaseModel, BaseModelError, check_model_dir
+from loradock.adapters.core.base import BaseModel, BaseModelError, check_model_dir
 
 # One table drives every architecture through the same checks (encoder and decoder-only).
 CASES = {

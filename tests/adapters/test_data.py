@@ -1,6 +1,7 @@
 import pytest
 
-from loradock.adapters.data import (
+from loradock.adapters import tasks
+from loradock.adapters.training.data import (
     DatasetError,
     check_split_feasible,
     check_validation_labels,
@@ -18,7 +19,7 @@ from tests.datasets import keyword_rows, regression_rows
 def check(rows, task="classification", **kw):
     kw.setdefault("max_rows", 1000)
     kw.setdefault("max_text_chars", 200)
-    return validate_rows(rows, task, **kw)
+    return validate_rows(rows, tasks.get(task), **kw)
 
 
 def problems_of(rows, task="classification", **kw):
@@ -117,7 +118,7 @@ def test_regression_accepts_numeric_strings():
 def test_class_too_small_to_split():
     ds = check([*GOOD, {"text": "lonely", "label": "c"}])
     with pytest.raises(DatasetError, match="'c' \\(1\\)"):
-        check_split_feasible(ds, 0.2)
+        check_split_feasible(ds)
 
 
 def test_validation_labels_must_be_known():
@@ -138,17 +139,17 @@ def test_leakage_between_train_and_validation_is_removed():
 
 def test_stratified_split_keeps_every_class_on_both_sides():
     ds = check(keyword_rows(10))
-    train, val = stratified_split(ds.examples, "classification", 0.2, seed=1)
+    train, val = stratified_split(ds.examples, tasks.get("classification"), 0.2, seed=1)
     assert len(train) + len(val) == 30
     assert {e.label for e in val} == {e.label for e in train} == set(ds.labels)
     assert len(val) == 6
-    again = stratified_split(ds.examples, "classification", 0.2, seed=1)
+    again = stratified_split(ds.examples, tasks.get("classification"), 0.2, seed=1)
     assert [e.text for e in again[1]] == [e.text for e in val]  # seeded
 
 
 def test_stratified_split_of_regression_spans_the_range():
     ds = check(regression_rows(50), "regression")
-    _, val = stratified_split(ds.examples, "regression", 0.2, seed=0)
+    _, val = stratified_split(ds.examples, tasks.get("regression"), 0.2, seed=0)
     assert 8 <= len(val) <= 12
     assert min(e.label for e in val) < 1.5
     assert max(e.label for e in val) > 3.5
@@ -156,7 +157,7 @@ def test_stratified_split_of_regression_spans_the_range():
 
 def test_folds_partition_the_rows():
     ds = check(keyword_rows(5))
-    folds = stratified_folds(ds.examples, "classification", 5, seed=0)
+    folds = stratified_folds(ds.examples, tasks.get("classification"), 5, seed=0)
     assert len(folds) == 5
     held = [e.text for _, val in folds for e in val]
     assert sorted(held) == sorted(e.text for e in ds.examples)

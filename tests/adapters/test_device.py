@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loradock.adapters.device import DeviceError, resolve_device, resolve_dtype
+from loradock.adapters.core.device import DeviceError, resolve_device, resolve_dtype
 
 
 def test_auto_picks_cuda_only_when_available():

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from loradock.adapters import encoding, layercache
-from loradock.adapters.base import BaseModel
-from loradock.adapters.data import validate_rows
-from loradock.adapters.trainer import Hyperparameters, Trainer
+from loradock.adapters import tasks
+from loradock.adapters.core import layercache
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.training import encoding
+from loradock.adapters.training.data import validate_rows
+from loradock.adapters.training.trainer import Hyperparameters, Trainer
 from tests.datasets import keyword_rows
 
 TEXTS = ["refund please", "my login password is not working", "late package tracking help"]
@@ -46,7 +48,7 @@ def test_trainer_cache_matches_training_without_it(tiny_bert_dir, monkeypatch):
 
     def train():
         base = BaseModel.load(tiny_bert_dir, device="cpu")
-        ds = validate_rows(rows, "classification", max_rows=1000, max_text_chars=1000)
+        ds = validate_rows(rows, tasks.get("classification"), max_rows=1000, max_text_chars=1000)
         return Trainer(base).run(ds, hp)
 
     cached = train()

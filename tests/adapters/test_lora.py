@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from loradock.adapters import lora
-from loradock.adapters.base import BaseModel
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel
 
 TEXTS = ["refund please", "my login password is not working", "late package tracking help"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from loradock.adapters.store import (
+from loradock.adapters.artifacts.store import (
     MANIFEST,
     ArtifactCorrupt,
     ArtifactExists,
@@ -395,7 +395,7 @@ def test_file_stores_never_import_s3fs(tmp_path: Path):
     import sys
 
     code = (
-        "import sys; from loradock.adapters.store import open_store; "
+        "import sys; from loradock.adapters.artifacts.store import open_store; "
         f"open_store({str(tmp_path)!r}).publish('t/a/v1', {{'a.json': b'{{}}'}}); "
         "bad = [m for m in ('s3fs', 'botocore', 'aiobotocore') if m in sys.modules]; "
         "assert not bad, bad"

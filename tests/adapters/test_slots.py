@@ -2,18 +2,20 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from loradock.adapters import artifacts, lora
-from loradock.adapters.base import BaseModel
-from loradock.adapters.engine import Engine
-from loradock.adapters.probe import LinearHead
-from loradock.adapters.slots import (
+from loradock.adapters.artifacts import files as artifacts
+from loradock.adapters.artifacts.store import LocalStore
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.serving.engine import Engine, ServedHead
+from loradock.adapters.serving.slots import (
     AdapterRef,
     BatchedLoRA,
     CapacityError,
     IncompatibleAdapter,
     SlotPool,
 )
-from loradock.adapters.store import LocalStore
+from loradock.adapters.tasks.classification import Classification
+from loradock.adapters.tasks.probe import LinearHead
 from tests.adapters.test_lora import random_weights
 
 TEXTS = ["refund please", "my login password is not working and the app will crash", "late",
@@ -30,6 +32,11 @@ ADAPTERS = [
 def head(seed, out=3, hidden=32):
     g = torch.Generator().manual_seed(seed)
     return LinearHead(torch.randn(out, hidden, generator=g), torch.randn(out, generator=g))
+
+
+def served(seed, out=3, hidden=32):
+    labels = ["a", "b", "c", "d", "e"][:out]
+    return ServedHead(Classification(labels), head(seed, out, hidden))
 
 
 def pool_for(base, capacity=8, cpu_capacity=0, max_rank=8):
@@ -65,12 +72,7 @@ def test_mixed_batch_matches_peft_row_by_row(request, fixture):
     base = BaseModel.load(path, device="cpu")
     pool = pool_for(base)
     weights = [random_weights(base, *spec, seed=i) for i, spec in enumerate(ADAPTERS)]
-    residents = [
-        pool.load(
-            AdapterRef(f"ad_{i}", 1), w, head(i), task="classification", labels=["a", "b", "c"]
-        )
-        for i, w in enumerate(weights)
-    ]
+    residents = [pool.load(AdapterRef(f"ad_{i}", 1), w, served(i)) for i, w in enumerate(weights)]
     # every row a different adapter, plus one row with no adapter (slot 0)
     slots = [r.slot for r in residents] + [0]
     mixed = pooled_with(base, BatchedLoRA(pool, slots), TEXTS)
@@ -85,11 +87,7 @@ def test_llama_mixed_batch_matches_single_adapter_contexts(tiny_llama_dir):
     base = BaseModel.load(tiny_llama_dir, device="cpu")
     pool = SlotPool(base, ["q_proj", "v_proj"], max_rank=4, capacity=4)
     ws = [random_weights(base, 4, 8, ("q_proj", "v_proj"), None, seed=s) for s in (1, 2)]
-    labels = ["a", "b", "c"]
-    rs = [
-        pool.load(AdapterRef(f"ad_{i}", 1), w, head(i), task="classification", labels=labels)
-        for i, w in enumerate(ws)
-    ]
+    rs = [pool.load(AdapterRef(f"ad_{i}", 1), w, served(i)) for i, w in enumerate(ws)]
     mixed = pooled_with(base, BatchedLoRA(pool, [rs[0].slot, rs[1].slot]), TEXTS[:2])
     for i, w in enumerate(ws):
         alone = pooled_with(base, w, [TEXTS[i]])[0]
@@ -101,11 +99,11 @@ def test_lru_eviction_and_cpu_tier(tiny_bert_dir):
     pool = pool_for(base, capacity=2, cpu_capacity=1)
     ws = [random_weights(base, 4, 8, ("query",), None, seed=s) for s in range(3)]
     refs = [AdapterRef(f"ad_{i}", 1) for i in range(3)]
-    r0 = pool.load(refs[0], ws[0], head(0), task="classification", labels=["a", "b", "c"])
+    r0 = pool.load(refs[0], ws[0], served(0))
     before = pooled_with(base, BatchedLoRA(pool, [r0.slot]), TEXTS[:1])
-    pool.load(refs[1], ws[1], head(1), task="classification", labels=["a", "b", "c"])
+    pool.load(refs[1], ws[1], served(1))
     pool.get(refs[0])  # refs[0] is now the most recently used
-    pool.load(refs[2], ws[2], head(2), task="classification", labels=["a", "b", "c"])
+    pool.load(refs[2], ws[2], served(2))
     assert pool.resident() == 2
     assert pool.evictions == 1
     assert pool.cpu_resident() == 1  # refs[1] was least recently used: parked on the CPU tier
@@ -124,14 +122,14 @@ def test_pinned_and_in_use_slots_are_never_evicted(tiny_bert_dir):
     pool = pool_for(base, capacity=2)
     ws = [random_weights(base, 4, 8, ("query",), None, seed=s) for s in range(3)]
     refs = [AdapterRef(f"ad_{i}", 1) for i in range(3)]
-    pool.load(refs[0], ws[0], head(0), task="classification", labels=["a", "b", "c"])
+    pool.load(refs[0], ws[0], served(0))
     pool.pin(refs[0])
-    busy = pool.load(refs[1], ws[1], head(1), task="classification", labels=["a", "b", "c"],
+    busy = pool.load(refs[1], ws[1], served(1),
                      acquire=True)  # fmt: skip
     with pytest.raises(CapacityError, match="all 2 adapter slots"):
-        pool.load(refs[2], ws[2], head(2), task="classification", labels=["a", "b", "c"])
+        pool.load(refs[2], ws[2], served(2))
     pool.release([busy.slot])
-    pool.load(refs[2], ws[2], head(2), task="classification", labels=["a", "b", "c"])
+    pool.load(refs[2], ws[2], served(2))
     assert pool.get(refs[0]) is not None  # pinned survived
     assert pool.get(refs[1]) is None  # the released one was evicted
 
@@ -141,22 +139,20 @@ def test_loading_checks_rank_and_targets(tiny_bert_dir):
     pool = pool_for(base, max_rank=4)
     big = random_weights(base, 8, 8, ("query",), None)
     with pytest.raises(IncompatibleAdapter, match="rank 8 > max_lora_rank 4"):
-        pool.load(AdapterRef("a", 1), big, head(0), task="classification", labels=["a", "b", "c"])
+        pool.load(AdapterRef("a", 1), big, served(0))
     odd = random_weights(base, 2, 8, ("dense",), None)
     with pytest.raises(IncompatibleAdapter, match="does not serve"):
-        pool.load(AdapterRef("b", 1), odd, head(0), task="classification", labels=["a", "b", "c"])
+        pool.load(AdapterRef("b", 1), odd, served(0))
     assert pool.resident() == 0
 
 
 def test_head_only_adapters_use_slot_zero(tiny_bert_dir):
     base = BaseModel.load(tiny_bert_dir, device="cpu")
     pool = pool_for(base, capacity=1)
-    res = pool.load(
-        AdapterRef("h", 1), None, head(0), task="classification", labels=["a", "b", "c"]
-    )
+    res = pool.load(AdapterRef("h", 1), None, served(0))
     assert res.slot == 0
     w = random_weights(base, 4, 8, ("query",), None)
-    other = pool.load(AdapterRef("l", 1), w, head(1), task="classification", labels=["a", "b", "c"])
+    other = pool.load(AdapterRef("l", 1), w, served(1))
     assert other.slot == 1  # the head-only adapter took no LoRA slot
 
 
@@ -164,16 +160,15 @@ def test_dropped_adapter_frees_its_slot_after_in_flight_use(tiny_bert_dir):
     base = BaseModel.load(tiny_bert_dir, device="cpu")
     pool = pool_for(base, capacity=1)
     w = random_weights(base, 4, 8, ("query",), None)
-    res = pool.load(AdapterRef("x", 1), w, head(0), task="classification", labels=["a", "b", "c"],
+    res = pool.load(AdapterRef("x", 1), w, served(0),
                     acquire=True)  # fmt: skip
     assert pool.drop("x") == 1
     assert pool.get(AdapterRef("x", 1)) is None
     w2 = random_weights(base, 4, 8, ("query",), None, seed=5)
     with pytest.raises(CapacityError):  # the batch still holds the slot
-        pool.load(AdapterRef("y", 1), w2, head(1), task="classification", labels=["a", "b", "c"])
+        pool.load(AdapterRef("y", 1), w2, served(1))
     pool.release([res.slot])
-    assert pool.load(AdapterRef("y", 1), w2, head(1), task="classification",
-                     labels=["a", "b", "c"]).slot == res.slot  # fmt: skip
+    assert pool.load(AdapterRef("y", 1), w2, served(1)).slot == res.slot  # fmt: skip
 
 
 def test_load_time_does_not_depend_on_residents(tiny_bert_dir):
@@ -183,12 +178,10 @@ def test_load_time_does_not_depend_on_residents(tiny_bert_dir):
     pool = pool_for(base, capacity=64)
     ws = [random_weights(base, 4, 8, ("query",), None, seed=s) for s in range(60)]
     for i, w in enumerate(ws):
-        pool.load(
-            AdapterRef(f"ad_{i}", 1), w, head(i), task="classification", labels=["a", "b", "c"]
-        )
+        pool.load(AdapterRef(f"ad_{i}", 1), w, served(i))
     snapshot = {n: a.clone() for n, a in pool.A.items()}
     new = pool.load(AdapterRef("new", 1), random_weights(base, 4, 8, ("query",), None, seed=99),
-                    head(0), task="classification", labels=["a", "b", "c"])  # fmt: skip
+                    served(0))  # fmt: skip
     for name, a in pool.A.items():
         changed = (a != snapshot[name]).flatten(1).any(dim=1).nonzero().flatten().tolist()
         assert changed in ([], [new.slot])
@@ -204,13 +197,15 @@ def test_engine_loads_from_the_store_and_matches_single_adapter_predictions(
     models = []
     for i in range(3):
         w = random_weights(base, 4, 8, ("query", "value"), None, seed=i) if i < 2 else None
-        meta = {"task": "classification", "labels": ["x", "y", "z"]}
         files = artifacts.build_files(
-            base=base, head=head(i), weights=w, profile_texts=[], meta=meta
-        )
+            base=base, task=Classification(["x", "y", "z"]), head=head(i), weights=w,
+            profile_texts=[], meta={},
+        )  # fmt: skip
         store.publish(f"t/ad_{i}/v1", files)
         models.append(artifacts.load_adapter(store, f"t/ad_{i}/v1", base))
-    residents = [engine.acquire(AdapterRef(f"ad_{i % 3}", 1), f"t/ad_{i % 3}/v1") for i in range(5)]
+    residents = [
+        engine.acquire(AdapterRef(f"ad_{i % 3}", 1, key=f"t/ad_{i % 3}/v1")) for i in range(5)
+    ]
     assert pool.loads == 3  # the repeats were hits
     results = engine.run(residents, TEXTS)
     engine.release(residents)
@@ -224,13 +219,12 @@ def test_engine_loads_from_the_store_and_matches_single_adapter_predictions(
 
 def test_out_of_memory_batches_are_split_and_retried(tiny_bert_dir, monkeypatch):
     """Fault injection (a CPU cannot run out of CUDA memory): batches over 2 rows 'do not fit'."""
-    from loradock.adapters.engine import BatchTooLarge
+    from loradock.adapters.serving.engine import BatchTooLarge
 
     base = BaseModel.load(tiny_bert_dir, device="cpu")
     pool = pool_for(base, capacity=2)
     engine = Engine(base, pool, store=None)
-    res = pool.load(AdapterRef("a", 1), random_weights(base, 4, 8, ("query",), None), head(0),
-                    task="classification", labels=["a", "b", "c"])  # fmt: skip
+    res = pool.load(AdapterRef("a", 1), random_weights(base, 4, 8, ("query",), None), served(0))
     whole = engine.run([res] * 5, TEXTS)
     real_run = engine._run
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loradock.adapters import store as store_mod
-from loradock.adapters.store import (
+from loradock.adapters.artifacts import store as store_mod
+from loradock.adapters.artifacts.store import (
     MANIFEST,
     ArtifactCorrupt,
     ArtifactExists,

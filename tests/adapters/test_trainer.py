@@ -4,10 +4,11 @@ import threading
 import pytest
 import torch
 
-from loradock.adapters.base import BaseModel
-from loradock.adapters.data import validate_rows
-from loradock.adapters.scheduling import PriorityGate
-from loradock.adapters.trainer import Hyperparameters, TrainCallbacks, Trainer
+from loradock.adapters import tasks
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.training.data import validate_rows
+from loradock.adapters.training.trainer import Hyperparameters, TrainCallbacks, Trainer
 from tests.datasets import keyword_rows, regression_rows
 
 # Tiny random models learn slowly: a high learning rate keeps these tests short.
@@ -20,7 +21,7 @@ def base(tiny_bert_dir):
 
 
 def dataset(rows, task="classification"):
-    return validate_rows(rows, task, max_rows=10_000, max_text_chars=1000)
+    return validate_rows(rows, tasks.get(task), max_rows=10_000, max_text_chars=1000)
 
 
 def test_runs_reports_and_restores_the_best_epoch(base):
@@ -61,11 +62,20 @@ def test_the_winner_is_never_worse_than_the_probe_on_validation(base):
 def test_early_stopping_stops_when_validation_loss_rises(base):
     # A learning rate this high overfits 45 rows within a few epochs.
     hp = Hyperparameters(epochs=40, patience=2, learning_rate=0.2, init_head_l2=1e-3, batch_size=8)
-    out = Trainer(base).run(dataset(keyword_rows(15)), hp)
+    out = Trainer(base).run(dataset(keyword_rows(15)), hp)  # 45 rows: 5-fold CV
     assert out.stop_reason == "early_stopping"
-    assert len(out.history) < 40
-    tail = out.history[-2:]
-    assert all(not h["best"] for h in tail)  # the patience window had no improvement
+    runs: dict = {}
+    for h in out.history:  # every run's epochs are kept, each tagged with its run
+        runs.setdefault(h.get("fold", "final"), []).append(h)
+    assert set(runs) == {1, 2, 3, 4, 5, "final"}
+    for fold in range(1, 6):
+        epochs = runs[fold]
+        assert [h["epoch"] for h in epochs] == list(range(1, len(epochs) + 1))
+        assert len(epochs) < 40
+        assert all(not h["best"] for h in epochs[-2:])  # the patience window: no improvement
+    chosen = out.report["cross_validation"]["chosen_epochs"]
+    assert [h["epoch"] for h in runs["final"]] == list(range(1, max(1, chosen) + 1))
+    assert all(h["final_fit"] for h in runs["final"])
 
 
 def test_early_stopping_off_runs_every_epoch(base):
@@ -99,8 +109,8 @@ def test_regression_is_standardized_and_reported_in_label_units(base):
         dataset(regression_rows(80), "regression"), Hyperparameters(epochs=3, **FAST)
     )
     assert out.status == "succeeded"
-    assert out.target_std > 0.5
-    assert out.target_mean == pytest.approx(2.5, abs=0.6)
+    assert out.task.std > 0.5
+    assert out.task.mean == pytest.approx(2.5, abs=0.6)
     assert {"val_mse", "val_mae", "val_r2"} <= set(out.metrics)
     assert out.labels == []
 

@@ -43,10 +43,10 @@ def test_sse_decoding_follows_the_event_stream_rules():
         "",
         "event: dangling",
     ]
-    assert list(decode_sse(lines)) == [
-        JobEvent("epoch", {"epoch": 1, "val_loss": 0.5}),
-        JobEvent("message", {"value": [1, 2]}),
-        JobEvent("end", {"raw": "not json"}),
+    assert list(decode_sse(lines)) == [  # the last event id persists until a new one
+        JobEvent("epoch", {"epoch": 1, "val_loss": 0.5}, "7"),
+        JobEvent("message", {"value": [1, 2]}, "7"),
+        JobEvent("end", {"raw": "not json"}, "7"),
     ]
 
 

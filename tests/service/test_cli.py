@@ -59,3 +59,21 @@ def test_no_command_shows_usage():
     result = run_cli()
     assert result.returncode == 2
     assert "serve" in result.stderr
+
+
+@pytest.mark.parametrize("given", ['["query", "value"]', "query,value", " query , value "])
+def test_list_settings_work_as_options_like_their_environment_variable(given, monkeypatch):
+    from loradock.service.cli import build_parser, load_settings
+
+    args = build_parser().parse_args(["serve", "--serve-target-modules", given])
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    assert load_settings(overrides).serve_target_modules == ["query", "value"]
+    monkeypatch.setenv("LORADOCK_SERVE_TARGET_MODULES", '["query", "value"]')
+    assert Settings().serve_target_modules == ["query", "value"]  # the same as the env var
+
+
+def test_a_malformed_list_option_is_a_clear_error():
+    result = run_cli("serve", "--serve-target-modules", '["query"')
+    assert result.returncode == 2
+    assert "serve_target_modules" in result.stderr
+    assert "Traceback" not in result.stderr

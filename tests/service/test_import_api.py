@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from loradock.adapters import lora
-from loradock.adapters.artifacts import load_adapter
-from loradock.adapters.lora import PEFT_PREFIX
+from loradock.adapters.artifacts.files import load_adapter
+from loradock.adapters.core import lora
+from loradock.adapters.core.lora import PEFT_PREFIX
 from tests.service.test_app import assert_problem
 from tests.service.test_predict_api import TEXTS, predict, trained
 from tests.service.test_training_api import store_keys

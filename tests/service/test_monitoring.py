@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from loradock.adapters.drift import mmd_test, psi
+from loradock.adapters.monitoring.drift import mmd_test, psi
 from tests.datasets import keyword_rows
 from tests.service.test_app import assert_problem
 from tests.service.test_predict_api import predict, trained
@@ -128,7 +128,7 @@ def test_per_adapter_quality_gauges(monitored):
 
 
 def test_psi_noise_floor():
-    from loradock.adapters.drift import psi_excess, psi_noise
+    from loradock.adapters.monitoring.drift import psi_excess, psi_noise
 
     assert psi_noise(10, 50, 300) == pytest.approx(9 * (1 / 50 + 1 / 300))
     # two samples of one distribution: raw PSI is about the noise, the excess about 0

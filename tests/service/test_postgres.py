@@ -336,9 +336,9 @@ def test_a_driverless_url_reaches_the_server(postgres_url):
 
 
 def test_a_delete_elsewhere_is_seen_within_the_ttl_and_frees_the_copy_here(db):
+    from loradock.service.dataplane import LiveVersions
     from loradock.service.db.models import Version
     from loradock.service.errors import NotFound
-    from loradock.service.serving import LiveVersions
 
     with db.session() as s:
         s.add(Tenant(id="tn_a", name="a"))

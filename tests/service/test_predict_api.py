@@ -5,7 +5,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from loradock.adapters.artifacts import load_adapter
+from loradock.adapters.artifacts.files import load_adapter
 from tests.datasets import keyword_rows
 from tests.service.test_app import assert_problem
 from tests.service.test_training_api import FAST, create, wait_job
@@ -238,7 +238,7 @@ def test_per_tenant_rate_limit(app_client):
 
     trained(app_client)
     runtime = app_client.app.state.runtime
-    runtime.rate_limiter = TenantRateLimiter(rate=0.5, burst=2)
+    runtime.serving.rate_limiter = TenantRateLimiter(rate=0.5, burst=2)
     assert predict(app_client, "tickets", ["refund"]).status_code == 200
     assert predict(app_client, "tickets", ["refund"]).status_code == 200
     resp = predict(app_client, "tickets", ["refund"])

@@ -337,7 +337,8 @@ def test_interrupted_jobs_are_requeued_or_failed_on_start(app_client):
 
 
 def test_if_better_promotion_follows_the_validation_comparison(app_client):
-    from loradock.service.jobs import better_than
+    from loradock.adapters.tasks import Classification
+    from loradock.adapters.training.served import served_metrics
 
     wait_job(app_client, create(app_client).json()["job"]["id"])
     body = {"training_data": keyword_rows(20, seed=3), "hyperparameters": FAST}
@@ -347,9 +348,9 @@ def test_if_better_promotion_follows_the_validation_comparison(app_client):
     v1, v2 = adapter["versions"]
 
     def served(v):
-        return v["baseline"] if v["report"]["winner"] == "probe" else v["metrics"]
+        return served_metrics(v["metrics"], v["baseline"], v["report"]["winner"])
 
-    expected = better_than(served(v2), served(v1), "classification")
+    expected = Classification.better(served(v2), served(v1))
     promotion = v2["report"]["promotion"]
     assert promotion["promoted"] is expected
     assert adapter["live_version"] == (2 if expected else 1)
@@ -370,9 +371,9 @@ def test_if_better_promotion_follows_the_validation_comparison(app_client):
     ],
 )
 def test_better_than(new, live, task, expected):
-    from loradock.service.jobs import better_than
+    from loradock.adapters import tasks
 
-    assert better_than(new, live, task) is expected
+    assert tasks.get(task).better(new, live) is expected
 
 
 def test_regression_through_the_api(app_client):

@@ -216,9 +216,13 @@ def cancel_job(job_id: str) -> Call[Job]:
     return Call("POST", f"/v1/jobs/{seg(job_id)}/cancel", one(Job))
 
 
-def job_events(job_id: str) -> Call[httpx.Response]:
+def job_events(job_id: str, last_event_id: str | None = None) -> Call[httpx.Response]:
+    """The job's event stream; with `last_event_id`, resumed after that event."""
     path = f"/v1/jobs/{seg(job_id)}/events"
-    return Call("GET", path, raw, extra_headers={"Accept": "text/event-stream"})
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    return Call("GET", path, raw, extra_headers=headers)
 
 
 def create_tenant(name: str) -> Call[Tenant]:

@@ -218,6 +218,7 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._event = ""
         self._data: list[str] = []
+        self._id: str | None = None  # the last event id seen (it persists across events)
 
     def feed(self, line: str) -> JobEvent | None:
         line = line.rstrip("\r\n")
@@ -231,7 +232,9 @@ class SSEDecoder:
             self._event = value
         elif name == "data":
             self._data.append(value)
-        return None  # `id` and `retry` are not used by this API
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        return None  # `retry` is not used by this API
 
     def _dispatch(self) -> JobEvent | None:
         if not self._data:
@@ -244,7 +247,7 @@ class SSEDecoder:
             data = json.loads(raw)
         except json.JSONDecodeError:
             data = {"raw": raw}
-        return JobEvent(event, data if isinstance(data, dict) else {"value": data})
+        return JobEvent(event, data if isinstance(data, dict) else {"value": data}, self._id)
 
 
 def decode_sse(lines: Iterable[str]) -> Iterable[JobEvent]:

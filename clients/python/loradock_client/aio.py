@@ -288,8 +288,10 @@ class AsyncJobs(_AsyncResource):
     async def cancel(self, job_id: str) -> Job:
         return await self._client._call(_calls.cancel_job(job_id))
 
-    async def events(self, job_id: str) -> AsyncGenerator[JobEvent, None]:
-        response = await self._client._send(_calls.job_events(job_id), stream=True)
+    async def events(
+        self, job_id: str, last_event_id: str | None = None
+    ) -> AsyncGenerator[JobEvent, None]:
+        response = await self._client._send(_calls.job_events(job_id, last_event_id), stream=True)
         decoder = SSEDecoder()
         try:
             async for line in response.aiter_lines():
@@ -318,7 +320,7 @@ class AsyncJobs(_AsyncResource):
             while not state.ended:
                 news, error = False, None
                 state.new_connection()
-                events = self.events(job_id)
+                events = self.events(job_id, state.last_event_id)
                 try:
                     async for event in events:
                         news = state.accept(event) or news

@@ -307,9 +307,10 @@ class Jobs(_Resource):
     def cancel(self, job_id: str) -> Job:
         return self._client._call(_calls.cancel_job(job_id))
 
-    def events(self, job_id: str) -> Iterator[JobEvent]:
-        """The job's server-sent events of one connection, until `end` (or the stream closes)."""
-        response = self._client._send(_calls.job_events(job_id), stream=True)
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[JobEvent]:
+        """The job's server-sent events of one connection, until `end` (or the stream closes);
+        with `last_event_id`, only what came after that event."""
+        response = self._client._send(_calls.job_events(job_id, last_event_id), stream=True)
         try:
             yield from decode_sse(response.iter_lines())
         except httpx.TransportError as exc:
@@ -337,7 +338,7 @@ class Jobs(_Resource):
                 news, error = False, None
                 state.new_connection()
                 try:
-                    for event in self.events(job_id):
+                    for event in self.events(job_id, state.last_event_id):
                         news = state.accept(event) or news
                         if state.ended:
                             break

@@ -108,6 +108,7 @@ class JobProgress(Model):
     loss: float | None = None
     fold: int | None = None
     folds: int | None = None
+    final_fit: bool = False
 
     @property
     def fraction(self) -> float | None:
@@ -115,8 +116,9 @@ class JobProgress(Model):
         if not self.steps or self.step is None:
             return None
         done = min(1.0, self.step / self.steps)
-        if self.folds and self.fold:
-            done = (self.fold - 1 + done) / self.folds
+        if self.folds and self.folds > 1:  # k folds, then the final fit on every row
+            runs_before = self.folds if self.final_fit else (self.fold or 1) - 1
+            done = (runs_before + done) / (self.folds + 1)
         return min(1.0, done)
 
 
@@ -183,6 +185,7 @@ class JobEvent:
 
     event: str
     data: dict[str, Any]
+    id: str | None = None  # the stream's last event id so far (resume point on reconnect)
 
 
 class TrainingResult(Model):

@@ -15,9 +15,11 @@ EventHook = Callable[[JobEvent], None]
 class JobWatch:
     """The state of following one job over one or more event-stream connections.
 
-    A new connection replays the epochs of the job's current history: those already passed on
-    are skipped (matched in order by their values), as is a repeated status or progress. `final`
-    is the job of the `end` event; `deleted` is set when the job's adapter was deleted meanwhile.
+    Epochs carry event ids: a new connection sends the last one (`last_event_id`) and the server
+    resumes after it; an epoch whose id was already seen is skipped. Servers without ids replay
+    the job's history on reconnect: those epochs are skipped when they match, in order, what was
+    passed on. A repeated status or progress is skipped too. `final` is the job of the `end`
+    event; `deleted` is set when the job's adapter was deleted meanwhile.
     """
 
     def __init__(self, job_id: str, hooks: list[EventHook]) -> None:
@@ -29,6 +31,8 @@ class JobWatch:
         self._replay: int | None = None  # position in a reconnection's replay of _run
         self._status: str | None = None
         self._progress: dict[str, Any] | None = None
+        self._ids: set[str] = set()
+        self.last_event_id: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -40,14 +44,22 @@ class JobWatch:
     def accept(self, event: JobEvent) -> bool:
         """Pass the event on unless it repeats what was passed already; True if passed on."""
         data = event.data
-        if event.event == "epoch":
-            key = tuple(data.get(k) for k in ("epoch", "step", "train_loss", "val_loss"))
+        if event.event == "epoch" and event.id is not None:
+            if event.id in self._ids:
+                return False
+            self._ids.add(event.id)
+            self.last_event_id = event.id
+        elif event.event == "epoch":
+            key = tuple(
+                data.get(k)
+                for k in ("fold", "final_fit", "epoch", "step", "train_loss", "val_loss")
+            )
             if self._replay is not None:
                 if self._replay < len(self._run) and self._run[self._replay] == key:
                     self._replay += 1
                     return False
                 self._replay = None
-            if self._run and _before(key[0], self._run[-1][0]):
+            if self._run and (key[:2] != self._run[-1][:2] or _before(key[2], self._run[-1][2])):
                 self._run = []  # a new cross-validation fold, or the final fit
             self._run.append(key)
         elif event.event == "status":
@@ -74,12 +86,21 @@ def _before(epoch: Any, previous: Any) -> bool:
     return numbers and epoch <= previous
 
 
-class ProgressDisplay:
-    """A one-line progress bar redrawn in place on `stream` (stderr by default).
+def in_notebook() -> bool:
+    """True inside a Jupyter (ZMQ) kernel, where stderr is not a terminal but a cell output."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    shell = get() if get is not None else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
-    Enabled only when the stream is a terminal, unless `enabled` says otherwise. With
-    `echo_epochs`, each validation is printed as a line above the bar. `echo()` prints a line of
-    the caller's (on any stream) without tearing the bar.
+
+class ProgressDisplay:
+    """A one-line progress bar redrawn in place on `stream` (stderr by default), or in a
+    notebook an output line updated in place (IPython's display handles, no extra package).
+
+    Enabled only when the stream is a terminal or the code runs in a notebook, unless `enabled`
+    says otherwise. With `echo_epochs`, each validation is printed as a line above the bar.
+    `echo()` prints a line of the caller's (on any stream) without tearing the bar.
     """
 
     def __init__(
@@ -92,10 +113,14 @@ class ProgressDisplay:
         bar_width: int = 24,
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        terminal = bool(isatty and isatty())
+        # A notebook cell: no carriage returns, one display output updated in place.
+        self.notebook = stream is None and not terminal and in_notebook()
         if enabled is None:
-            isatty = getattr(self.stream, "isatty", None)
-            enabled = bool(isatty and isatty())
+            enabled = terminal or self.notebook
         self.enabled = enabled
+        self._handle: Any = None
         self.echo_epochs = echo_epochs
         self.label = label
         self.bar_width = bar_width
@@ -126,7 +151,9 @@ class ProgressDisplay:
         bar = "#" * filled + "-" * (self.bar_width - filled)
         parts = [f"{self.label} [{bar}] {frac:4.0%}" if frac is not None else f"{self.label}"]
         parts.append(self.status)
-        if p.folds and p.folds > 1:
+        if p.final_fit:
+            parts.append("final fit")
+        elif p.folds and p.folds > 1:
             parts.append(f"fold {p.fold}/{p.folds}")
         if p.epoch is not None:
             parts.append(f"epoch {num(p.epoch)}/{p.epochs or '?'}")
@@ -141,11 +168,24 @@ class ProgressDisplay:
     def draw(self) -> None:
         if not self.enabled:
             return
+        if self.notebook:
+            self._show(self.line())
+            return
         self.stream.write("\r\x1b[2K" + self.line())
         self.stream.flush()
         self._drawn = True
 
+    def _show(self, text: str) -> None:
+        from IPython.display import display  # present: this is a notebook
+
+        if self._handle is None:
+            self._handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self._handle.update({"text/plain": text}, raw=True)
+
     def clear(self) -> None:
+        if self.notebook:
+            return  # the last state stays visible in the cell
         if self.enabled and self._drawn:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
@@ -155,6 +195,9 @@ class ProgressDisplay:
         """Print a line above the bar (the bar is redrawn after it). Disabled: only to `stream`."""
         out = stream if stream is not None else self.stream
         if not self.enabled and stream is None:
+            return
+        if self.notebook and stream is None:  # a cell: lines print above the updated bar
+            print(text, file=out, flush=True)
             return
         redraw = self._drawn
         self.clear()

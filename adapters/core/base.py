@@ -20,8 +20,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from loradock.adapters.device import dtype_name, resolve_device, resolve_dtype
-from loradock.adapters.lora import LoRALinear
+from loradock.adapters.core.device import dtype_name, resolve_device, resolve_dtype
+from loradock.adapters.core.lora import LoRALinear
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-Task = Literal["classification", "regression"]
-MIN_PER_CLASS = 2  # one for training and one for validation, at the very least
-IMBALANCE_RATIO = 10.0  # largest / smallest class above this earns a warning
+if TYPE_CHECKING:
+    from loradock.adapters.tasks.base import Task
+
 SMALL_DATASET_ROWS = 50  # below this, k-fold cross-validation picks the epoch count
 
 
@@ -60,7 +59,7 @@ class DatasetError(ValueError):
 class Dataset:
     """Validated examples of one task, plus what validation noticed (dropped rows, warnings)."""
 
-    task: Task
+    task: type[Task]
     examples: list[Example]
     labels: list[str]  # sorted class names (classification), [] for regression
     warnings: list[str] = field(default_factory=list)
@@ -140,7 +139,7 @@ def _decode(raw: bytes, dataset: str) -> str:
 
 def validate_rows(
     rows: Sequence[Mapping[str, Any]],
-    task: Task,
+    task: type[Task],
     *,
     max_rows: int,
     max_text_chars: int,
@@ -196,29 +195,8 @@ def validate_rows(
     warnings = []
     if dropped:
         warnings.append(f"{dataset}: dropped {dropped} exact duplicate rows")
-    labels: list[str] = []
-    if task == "classification":
-        counts = Counter(str(e.label) for e in kept)
-        labels = sorted(counts)
-        if len(labels) < 2:
-            raise DatasetError(
-                [
-                    Problem(
-                        None, "label", f"{len(labels)} class found; at least 2 are needed", dataset
-                    )
-                ]
-            )
-        ratio = max(counts.values()) / min(counts.values())
-        if ratio > IMBALANCE_RATIO:
-            warnings.append(
-                f"{dataset}: labels are very imbalanced (largest class "
-                f"{max(counts.values())} rows, smallest {min(counts.values())}); "
-                "consider class_weights='balanced'"
-            )
-    else:
-        values = [float(e.label) for e in kept]
-        if max(values) == min(values):
-            raise DatasetError([Problem(None, "label", "all labels are equal", dataset)])
+    labels, task_warnings = task.check_labels(kept, dataset)
+    warnings += task_warnings
     return Dataset(
         task=task, examples=kept, labels=labels, warnings=warnings, dropped_duplicates=dropped
     )
@@ -227,7 +205,7 @@ def validate_rows(
 def _check_row(
     i: int,
     row: Mapping[str, Any],
-    task: Task,
+    task: type[Task],
     max_text_chars: int,
     dataset: str,
     problems: list[Problem],
@@ -251,26 +229,11 @@ def _check_row(
     value: str | float | None = None
     if label is None or (isinstance(label, str) and not label.strip()):
         problems.append(Problem(i, "label", "missing label", dataset))
-    elif task == "classification":
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            problems.append(
-                Problem(i, "label", "must be a string (or an integer class id)", dataset)
-            )
-        else:
-            value = str(label).strip()
-            if len(value) > 128:
-                problems.append(Problem(i, "label", "longer than 128 characters", dataset))
     else:
         try:
-            value = float(label)
-            if isinstance(label, bool) or not math.isfinite(value):
-                raise ValueError
-        except (TypeError, ValueError):
-            problems.append(
-                Problem(
-                    i, "label", f"regression label must be a finite number, got {label!r}", dataset
-                )
-            )
+            value = task.parse_label(label)
+        except ValueError as e:
+            problems.append(Problem(i, "label", str(e), dataset))
     group = row.get("group")
     if group is not None and not isinstance(group, (str, int)):
         problems.append(Problem(i, "group", "must be a string", dataset))
@@ -282,15 +245,8 @@ def _check_row(
 
 
 def check_validation_labels(train: Dataset, val: Dataset) -> None:
-    """Validation classes must be classes the model is trained on."""
-    if train.task != "classification":
-        return
-    known = set(train.labels)
-    problems = [
-        Problem(i, "label", f"label {e.label!r} does not occur in training_data", "validation_data")
-        for i, e in enumerate(val.examples, start=1)
-        if str(e.label) not in known
-    ]
+    """Validation rows must be answerable by the trained model (e.g. known classes)."""
+    problems = train.task.validation_problems(train, val)
     if problems:
         raise DatasetError(problems)
 
@@ -312,15 +268,13 @@ def remove_leakage(train: Dataset, val: Dataset) -> int:
 
 
 def stratified_split(
-    examples: Sequence[Example], task: Task, fraction: float, seed: int
+    examples: Sequence[Example], task: type[Task], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Hold out `fraction` of each class (at least one row per class, and one left to train).
-
-    Regression is stratified by quantile bins of the label, so both splits span its range.
-    """
+    """Hold out `fraction` of each stratum (`task.strata`: a class, or a quantile bin of a
+    regression label), at least one row per stratum of two or more, and one left to train."""
     rng = random.Random(seed)
     strata: dict[str, list[Example]] = defaultdict(list)
-    keys = _strata_keys(examples, task)
+    keys = task.strata(examples)
     for ex, key in zip(examples, keys, strict=True):
         strata[key].append(ex)
     train: list[Example] = []
@@ -328,7 +282,7 @@ def stratified_split(
     for key in sorted(strata):
         rows = strata[key][:]
         rng.shuffle(rows)
-        n_val = max(1, round(len(rows) * fraction)) if len(rows) >= MIN_PER_CLASS else 0
+        n_val = max(1, round(len(rows) * fraction)) if len(rows) >= 2 else 0
         n_val = min(n_val, len(rows) - 1)
         val.extend(rows[:n_val])
         train.extend(rows[n_val:])
@@ -337,56 +291,39 @@ def stratified_split(
     return train, val
 
 
-def stratified_folds(
-    examples: Sequence[Example], task: Task, k: int, seed: int
-) -> list[tuple[list[Example], list[Example]]]:
-    """k (train, validation) folds, each class spread round-robin over the folds."""
+def stratified_fold_ids(strata: Sequence[str], folds: int, seed: int) -> list[int]:
+    """A fold number per row: each stratum shuffled and dealt round-robin over the folds."""
     rng = random.Random(seed)
-    strata: dict[str, list[Example]] = defaultdict(list)
-    for ex, key in zip(examples, _strata_keys(examples, task), strict=True):
-        strata[key].append(ex)
-    fold_of: list[list[Example]] = [[] for _ in range(k)]
+    by_stratum: dict[str, list[int]] = {}
+    for i, key in enumerate(strata):
+        by_stratum.setdefault(key, []).append(i)
+    fold_of = [0] * len(strata)
     offset = 0
-    for key in sorted(strata):
-        rows = strata[key][:]
+    for key in sorted(by_stratum):
+        rows = by_stratum[key]
         rng.shuffle(rows)
-        for j, ex in enumerate(rows):
-            fold_of[(offset + j) % k].append(ex)
+        for j, i in enumerate(rows):
+            fold_of[i] = (offset + j) % folds
         offset += len(rows)
-    folds = []
-    for i in range(k):
-        val = fold_of[i]
-        train = [ex for j, f in enumerate(fold_of) if j != i for ex in f]
-        folds.append((train, val))
-    return folds
+    return fold_of
 
 
-def _strata_keys(examples: Sequence[Example], task: Task) -> list[str]:
-    if task == "classification":
-        return [str(e.label) for e in examples]
-    values = sorted(float(e.label) for e in examples)
-    bins = min(5, max(1, len(values) // 4))
-    edges = [values[int(len(values) * q / bins)] for q in range(1, bins)]
-    return [str(sum(float(e.label) >= edge for edge in edges)) for e in examples]
+def stratified_folds(
+    examples: Sequence[Example], task: type[Task], k: int, seed: int
+) -> list[tuple[list[Example], list[Example]]]:
+    """k (train, validation) folds, each stratum spread round-robin over the folds."""
+    fold_of = stratified_fold_ids(task.strata(examples), k, seed)
+    return [
+        (
+            [ex for ex, f in zip(examples, fold_of, strict=True) if f != i],
+            [ex for ex, f in zip(examples, fold_of, strict=True) if f == i],
+        )
+        for i in range(k)
+    ]
 
 
-def check_split_feasible(ds: Dataset, fraction: float) -> None:
-    """Every class needs a row for training and one for validation."""
-    if ds.task != "classification":
-        return
-    small = {c: n for c, n in ds.class_counts().items() if n < MIN_PER_CLASS}
-    if small:
-        names = ", ".join(f"{c!r} ({n})" for c, n in sorted(small.items()))
-        raise DatasetError(
-            [
-                Problem(
-                    None, "label",
-                    f"classes with fewer than {MIN_PER_CLASS} examples cannot be split into "
-                    f"training and validation: {names}",
-                )
-            ]
-        )  # fmt: skip
-
-
-def iter_texts(examples: Iterable[Example]) -> list[str]:
-    return [e.text for e in examples]
+def check_split_feasible(ds: Dataset) -> None:
+    """The dataset can be split into training and validation parts (e.g. two rows per class)."""
+    problems = ds.task.split_problems(ds)
+    if problems:
+        raise DatasetError(problems)

@@ -8,6 +8,9 @@ The recipe (linear-probe-then-fine-tune):
 4. validation after every epoch (optionally every N steps), early stopping on validation loss
    with patience/min_delta, best weights restored;
 5. the winner on validation (LoRA or the probe alone) is what gets served.
+
+Everything task-specific (targets, loss, metrics, the decision metric) comes from the run's
+`Task`; the trainer never looks at a task's name.
 """
 
 from __future__ import annotations
@@ -22,22 +25,22 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from loradock.adapters import lora
-from loradock.adapters.base import BaseModel
-from loradock.adapters.data import (
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.tasks.base import Task
+from loradock.adapters.tasks.probe import LinearHead, fit_linear, fit_probe
+from loradock.adapters.training.data import (
     SMALL_DATASET_ROWS,
     Dataset,
     Example,
     stratified_folds,
     stratified_split,
 )
-from loradock.adapters.encoding import Encoded, TrainingEncoder
-from loradock.adapters.evaluation import classification_metrics, regression_metrics
-from loradock.adapters.hyperparameters import Hyperparameters
-from loradock.adapters.probe import LinearHead, fit_linear, fit_probe
-from loradock.adapters.scheduling import PriorityGate
+from loradock.adapters.training.encoding import Encoded, TrainingEncoder
+from loradock.adapters.training.hyperparameters import Hyperparameters
+from loradock.adapters.training.served import served_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +59,30 @@ class TrainOutcome:
 
     status: str
     stop_reason: StopReason | None
-    task: str
-    labels: list[str]
+    task: Task
     winner: Literal["lora", "probe"] | None = None
     winner_reason: str = ""
     weights: lora.LoRAWeights | None = None
     head: LinearHead | None = None
-    target_mean: float = 0.0
-    target_std: float = 1.0
+    # Every run's epochs: one per fold (tagged `fold`), then the final fit (`final_fit`), or the
+    # single run of a split.
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-    validation: list[Example] = field(default_factory=list)
+    # The reference profile's rows: texts the served model was validated on, and (for
+    # cross-validation) the out-of-fold head outputs of the served kind of model on them.
+    reference_texts: list[str] = field(default_factory=list)
+    reference_outputs: torch.Tensor | None = None  # [n, n_outputs]
     error: str | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return self.task.labels
 
     def served_metrics(self) -> dict[str, Any]:
         """Validation metrics of what is served: LoRA's, or the probe's when the probe won."""
-        return self.baseline if self.winner == "probe" else self.metrics
+        return served_metrics(self.metrics, self.baseline, self.winner)
 
 
 class Diverged(Exception):
@@ -82,10 +91,6 @@ class Diverged(Exception):
 
 class Cancelled(Exception):
     pass
-
-
-def _round(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()}
 
 
 class Trainer:
@@ -110,18 +115,18 @@ class Trainer:
     ) -> TrainOutcome:
         cb = callbacks or TrainCallbacks()
         started = time.perf_counter()
-        out = TrainOutcome(status="running", stop_reason=None, task=train.task, labels=train.labels)
+        task = train.task.from_dataset(train)
+        out = TrainOutcome(status="running", stop_reason=None, task=task)
         report: dict[str, Any] = {"warnings": list(train.warnings)}
         out.report = report
         try:
-            self._prepare_targets(train, out)
             examples = train.examples
             if validation is not None:
                 splits = [(list(examples), list(validation))]
                 report["validation"] = "given"
                 final_on_all = False
             elif len(examples) < SMALL_DATASET_ROWS:
-                k = self._cv_k(train, hp)
+                k = train.task.cv_folds(train, hp.cv_folds)
                 splits = stratified_folds(examples, train.task, k, hp.seed)
                 report["validation"] = f"{k}-fold cross-validation"
                 report["cross_validation"] = {
@@ -143,8 +148,10 @@ class Trainer:
 
             fold_results = []
             for i, (tr, va) in enumerate(splits):
-                cb.on_event({"type": "fold", "fold": i + 1, "folds": len(splits)})
-                fold_results.append(self._fit_split(tr, va, hp, embeddings, out, cb))
+                tag = {"fold": i + 1} if final_on_all else {}
+                if final_on_all:
+                    cb.on_event({"type": "fold", "fold": i + 1, "folds": len(splits)})
+                fold_results.append(self._fit_split(tr, va, hp, embeddings, out, cb, tag=tag))
 
             if final_on_all:
                 self._finish_cv(train, hp, embeddings, fold_results, out, cb)
@@ -157,7 +164,7 @@ class Trainer:
                     res["baseline"],
                 )
                 out.stop_reason = res["stop_reason"]
-                out.validation = splits[0][1]
+                out.reference_texts = [e.text for e in splits[0][1]]
                 self._pick_winner(out, res["probe_head"])
             report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
             out.status = "succeeded"
@@ -171,18 +178,6 @@ class Trainer:
 
     # --- preparation ---------------------------------------------------------------------------
 
-    def _prepare_targets(self, train: Dataset, out: TrainOutcome) -> None:
-        if train.task == "regression":
-            values = [float(e.label) for e in train.examples]
-            out.target_mean = statistics.fmean(values)
-            out.target_std = statistics.pstdev(values) or 1.0
-
-    def _cv_k(self, train: Dataset, hp: Hyperparameters) -> int:
-        if train.task == "classification":
-            smallest = min(train.class_counts().values())
-            return max(2, min(hp.cv_folds, smallest))
-        return max(2, min(hp.cv_folds, len(train.examples) // 2))
-
     def _embed_all(
         self, texts: Sequence[str], hp: Hyperparameters, report: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
@@ -191,28 +186,6 @@ class Trainer:
         spec, _ = self._spec(hp)
         start = min(spec.layers) if spec.layers else 0
         return self.encoder.embed(texts, start, report)
-
-    def _targets(self, examples: Sequence[Example], out: TrainOutcome) -> torch.Tensor:
-        if out.task == "classification":
-            index = {label: i for i, label in enumerate(out.labels)}
-            return torch.tensor([index[str(e.label)] for e in examples], dtype=torch.long)
-        return torch.tensor(
-            [(float(e.label) - out.target_mean) / out.target_std for e in examples],
-            dtype=torch.float32,
-        )
-
-    def _class_weight(
-        self, examples: Sequence[Example], hp: Hyperparameters, out: TrainOutcome
-    ) -> torch.Tensor | None:
-        if out.task != "classification" or hp.class_weights is None:
-            return None
-        if hp.class_weights == "balanced":
-            counts = torch.zeros(len(out.labels))
-            index = {label: i for i, label in enumerate(out.labels)}
-            for e in examples:
-                counts[index[str(e.label)]] += 1
-            return len(examples) / (len(out.labels) * counts.clamp(min=1))
-        return torch.tensor([float(hp.class_weights.get(lbl, 1.0)) for lbl in out.labels])
 
     def _spec(self, hp: Hyperparameters) -> tuple[lora.LoRASpec, list[str]]:
         targets = tuple(hp.target_modules or self.base.default_target_modules())
@@ -237,26 +210,6 @@ class Trainer:
 
     # --- one split -----------------------------------------------------------------------------
 
-    def _eval_probe(
-        self,
-        head: LinearHead,
-        va: Sequence[Example],
-        emb: dict[str, torch.Tensor],
-        out: TrainOutcome,
-    ) -> dict[str, Any]:
-        x = torch.stack([emb[e.text] for e in va])
-        return self._metrics(head(x), va, out)
-
-    def _metrics(
-        self, outputs: torch.Tensor, va: Sequence[Example], out: TrainOutcome
-    ) -> dict[str, Any]:
-        groups = [e.group for e in va]
-        if out.task == "classification":
-            return classification_metrics(outputs, self._targets(va, out), out.labels, groups)
-        pred = outputs.squeeze(-1).float().cpu() * out.target_std + out.target_mean
-        truth = torch.tensor([float(e.label) for e in va])
-        return regression_metrics(pred, truth, groups, scale=out.target_std)
-
     def _fit_split(
         self,
         tr: Sequence[Example],
@@ -267,38 +220,37 @@ class Trainer:
         cb: TrainCallbacks,
         *,
         fixed_epochs: int | None = None,
+        tag: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        n_out = len(out.labels) if out.task == "classification" else 1
-        class_weight = self._class_weight(tr, hp, out)
+        task = out.task
+        class_weight = task.class_weight(tr, hp.class_weights)
         t0 = time.perf_counter()
         x_tr = torch.stack([emb[e.text] for e in tr])
+        y_tr = task.targets(tr)
         probe_head, l2 = fit_probe(
-            x_tr, self._targets(tr, out), n_out, class_weight=class_weight, seed=hp.seed
-        )
+            x_tr, y_tr, task, strata=type(task).strata(tr), class_weight=class_weight,
+            seed=hp.seed,
+        )  # fmt: skip
         probe_seconds = time.perf_counter() - t0
         baseline: dict[str, Any] = {
             "kind": "linear_probe",
             "l2": l2,
             "seconds": round(probe_seconds, 3),
         }
+        probe_outputs = None
         if va:
-            baseline.update(self._summary(self._eval_probe(probe_head, va, emb, out)))
-        cb.on_event({"type": "baseline", "baseline": baseline})
-        init_head = fit_linear(
-            x_tr, self._targets(tr, out), n_out, l2=hp.init_head_l2, class_weight=class_weight
+            probe_outputs = probe_head(torch.stack([emb[e.text] for e in va])).float().cpu()
+            baseline.update(task.summary(task.metrics(probe_outputs, va)))
+        cb.on_event({"type": "baseline", "baseline": baseline, **(tag or {})})
+        init_head = fit_linear(x_tr, y_tr, task, l2=hp.init_head_l2, class_weight=class_weight)
+        res = self._train_lora(
+            tr, va, hp, init_head, out, cb, class_weight, fixed_epochs, tag or {}
         )
-        res = self._train_lora(tr, va, hp, init_head, out, cb, class_weight, fixed_epochs)
         res["baseline"] = baseline
         res["probe_head"] = probe_head
+        res["oof"] = {"probe": probe_outputs, "lora": res.pop("val_outputs", None)}
+        res["va"] = list(va)
         return res
-
-    def _summary(self, m: dict[str, Any]) -> dict[str, Any]:
-        keep = ("loss", "accuracy", "macro_f1", "mse", "mae", "r2", "group_gap")
-        s = {("val_" + k if k != "group_gap" else k): m[k] for k in keep if k in m}
-        for k in ("per_class", "per_group"):
-            if k in m:
-                s[k] = m[k]
-        return _round(s)
 
     def _train_lora(
         self,
@@ -310,6 +262,7 @@ class Trainer:
         cb: TrainCallbacks,
         class_weight: torch.Tensor | None,
         fixed_epochs: int | None,
+        tag: dict[str, Any],
     ) -> dict[str, Any]:
         self._smoothing = hp.label_smoothing
         spec, names = self._spec(hp)
@@ -331,7 +284,7 @@ class Trainer:
 
         epochs = fixed_epochs if fixed_epochs is not None else hp.epochs
         ids = self.encoder.encode(tr)
-        y_tr = self._targets(tr, out)
+        y_tr = out.task.targets(tr)
         steps_per_epoch = math.ceil(len(tr) / hp.batch_size)
         total_steps = max(1, steps_per_epoch * epochs)
         warmup = int(total_steps * hp.warmup_ratio)
@@ -389,12 +342,12 @@ class Trainer:
                 losses.append(value)
                 cb.on_event(
                     {"type": "progress", "epoch": epoch, "epochs": epochs, "step": step,
-                     "steps": total_steps, "loss": round(value, 5)}
+                     "steps": total_steps, "loss": round(value, 5), **tag}
                 )  # fmt: skip
                 if va and hp.eval_every_steps and step % hp.eval_every_steps == 0:
                     stop, bad_evals = self._validate(
                         weights, head, va, va_ids, out, hp, history, best, bad_evals,
-                        epoch, step, statistics.fmean(losses), cb, partial=True,
+                        epoch, step, statistics.fmean(losses), cb, tag, partial=True,
                     )  # fmt: skip
                     weights.train()
                     if stop:
@@ -406,13 +359,13 @@ class Trainer:
             if va:
                 stop, bad_evals = self._validate(
                     weights, head, va, va_ids, out, hp, history, best, bad_evals,
-                    epoch, step, train_loss, cb, seconds=time.perf_counter() - t_epoch,
+                    epoch, step, train_loss, cb, tag, seconds=time.perf_counter() - t_epoch,
                 )  # fmt: skip
                 if stop:
                     stop_reason = "early_stopping"
                     break
             else:
-                record = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5)}
+                record = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), **tag}
                 history.append(record)
                 cb.on_event({"type": "epoch", **record})
 
@@ -434,8 +387,10 @@ class Trainer:
             "steps": step,
             "trainable_parameters": sum(p.numel() for p in lora_params),
         }
+        val_outputs = None
         if va and best["metrics"] is not None:
-            metrics.update(self._summary(best["metrics"]))
+            metrics.update(out.task.summary(best["metrics"]))
+            val_outputs = self._outputs(weights, head, va, va_ids)  # of the weights kept
             at_best = next(
                 (h for h in history if h["epoch"] == best_epoch and not h.get("partial")), None
             )
@@ -448,15 +403,17 @@ class Trainer:
         return {
             "lora": weights, "spec": spec, "head": head_out, "history": history,
             "metrics": metrics, "stop_reason": stop_reason, "best_epoch": best_epoch,
+            "val_outputs": val_outputs,
         }  # fmt: skip
 
     def _validate(
         self, weights, head, va, va_ids, out, hp, history, best, bad_evals, epoch, step,
-        train_loss, cb, *, partial=False, seconds=None,
+        train_loss, cb, tag, *, partial=False, seconds=None,
     ) -> tuple[bool, int]:  # fmt: skip
         m = self._evaluate(weights, head, va, va_ids, out)
         record: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5)}
-        record.update({k: v for k, v in self._summary(m).items() if k not in ("per_group",)})
+        record.update({k: v for k, v in out.task.summary(m).items() if k not in ("per_group",)})
+        record.update(tag)
         if partial:
             record["partial"] = True
         if seconds is not None:
@@ -479,12 +436,14 @@ class Trainer:
     def _step(self, weights, head, ids, y, rows, out, cw) -> torch.Tensor:
         outputs = self.encoder.forward(weights, head, ids, rows)
         target = y[rows].to(self.device)
-        if out.task == "classification":
-            return F.cross_entropy(outputs, target, weight=cw, label_smoothing=self._smoothing)
-        return F.mse_loss(outputs.squeeze(-1), target)
+        return out.task.loss(outputs, target, class_weight=cw, label_smoothing=self._smoothing)
+
+    def _evaluate(self, weights, head, va, va_ids, out) -> dict[str, Any]:
+        return out.task.metrics(self._outputs(weights, head, va, va_ids), va)
 
     @torch.inference_mode()
-    def _evaluate(self, weights, head, va, va_ids, out) -> dict[str, Any]:
+    def _outputs(self, weights, head, va, va_ids) -> torch.Tensor:
+        """Head outputs [n, n_outputs] (float32, host) for validation rows, in their order."""
         was_training = weights.training
         weights.eval()
         order = sorted(range(len(va)), key=lambda i: len(va_ids.ids[i]))
@@ -496,7 +455,7 @@ class Trainer:
         outputs = torch.empty(len(va), chunks[0].shape[1])
         outputs[torch.tensor(order)] = torch.cat(chunks)
         weights.train(was_training)
-        return self._metrics(outputs, va, out)
+        return outputs
 
     def _check_divergence(self, value: float, first: float | None, recent: list[float]) -> None:
         if not math.isfinite(value):
@@ -527,16 +486,16 @@ class Trainer:
     # --- finishing -----------------------------------------------------------------------------
 
     def _pick_winner(self, out: TrainOutcome, probe_head: LinearHead) -> None:
-        key = "val_macro_f1" if out.task == "classification" else "val_loss"
-        lora_score = out.metrics.get(key)
-        probe_score = out.baseline.get(key)
+        """Serve LoRA only when it beats the probe on the task's decision metric."""
+        task = type(out.task)
+        key = task.decision_metric
+        lora_score, probe_score = out.metrics.get(key), out.baseline.get(key)
         better = (
             lora_score is not None
             and probe_score is not None
-            and (lora_score > probe_score if key == "val_macro_f1" else lora_score < probe_score)
+            and out.metrics.get("best_epoch", 0) > 0
+            and task.better(out.metrics, out.baseline)
         )
-        if out.metrics.get("best_epoch", 0) == 0:
-            better = False
         if better:
             out.winner = "lora"
             out.winner_reason = (
@@ -550,7 +509,7 @@ class Trainer:
             )
             out.weights = None
             out.head = probe_head
-        if out.task == "classification" and out.metrics.get("train_loss") is not None:
+        if out.metrics.get("generalization_gap") is not None:
             out.report["generalization_gap"] = out.metrics.get("generalization_gap")
 
     def _finish_cv(
@@ -562,7 +521,12 @@ class Trainer:
         out: TrainOutcome,
         cb: TrainCallbacks,
     ) -> None:
-        """Average the folds, then train on every row for the median best epoch count."""
+        """Average the folds, then train on every row for the median best epoch count.
+
+        The reference profile pairs the final model's embeddings of every row with the
+        out-of-fold outputs of the winning kind of model (in-sample outputs would be
+        overconfident), so drift monitoring works for small datasets too.
+        """
         best_epochs = [f["best_epoch"] for f in folds]
         epochs = int(statistics.median(best_epochs))
         out.report["cross_validation"]["best_epochs"] = best_epochs
@@ -572,15 +536,19 @@ class Trainer:
             vals = [f[source].get(key) for f in folds if f[source].get(key) is not None]
             return round(statistics.fmean(vals), 5) if vals else None
 
-        keys = ("val_loss", "val_accuracy", "val_macro_f1", "val_mse", "val_mae", "val_r2")
+        keys = sorted(
+            {k for f in folds for src in ("metrics", "baseline") for k in f[src]
+             if k.startswith("val_")}
+        )  # fmt: skip
         out.metrics = {k: v for k in keys if (v := mean_of(k, "metrics")) is not None}
         out.baseline = {k: v for k in keys if (v := mean_of(k, "baseline")) is not None}
         out.baseline["kind"] = "linear_probe"
-        out.history = folds[0]["history"]
-        out.report["cross_validation"]["fold_histories"] = [f["history"] for f in folds]
         all_rows = train.examples
         cb.on_event({"type": "final_fit", "epochs": max(1, epochs), "folds": len(folds)})
-        final = self._fit_split(all_rows, [], hp, emb, out, cb, fixed_epochs=max(1, epochs))
+        final = self._fit_split(
+            all_rows, [], hp, emb, out, cb, fixed_epochs=max(1, epochs), tag={"final_fit": True}
+        )
+        out.history = [h for f in folds for h in f["history"]] + final["history"]
         out.metrics.update(
             {"best_epoch": epochs, "stop_reason": "max_epochs", "epochs_run": max(1, epochs),
              "steps": final["metrics"]["steps"],
@@ -589,7 +557,16 @@ class Trainer:
         out.stop_reason = "early_stopping" if epochs < hp.epochs else "max_epochs"
         out.metrics["stop_reason"] = out.stop_reason
         out.weights, out.head = final["lora"], final["head"]
-        out.validation = []
         self._pick_winner(out, final["probe_head"])
         if epochs == 0:
             out.winner = "probe"
+        kind = out.winner or "probe"
+        texts: list[str] = []
+        outputs: list[torch.Tensor] = []
+        for f in folds:
+            oof = f["oof"][kind] if f["oof"][kind] is not None else f["oof"]["probe"]
+            if oof is not None:
+                texts += [e.text for e in f["va"]]
+                outputs.append(oof)
+        out.reference_texts = texts
+        out.reference_outputs = torch.cat(outputs) if outputs else None

@@ -31,7 +31,9 @@ def classification_metrics(
     f1 = torch.where(
         denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp)
     )
-    present = actual > 0  # macro-F1 over the classes that occur in this validation set
+    # Macro-F1 over the classes that occur in the truth or the predictions (scikit-learn's
+    # f1_score(average="macro")): a class predicted but absent from validation counts as F1 0.
+    present = (actual > 0) | (predicted > 0)
     macro_f1 = float(f1[present].mean()) if bool(present.any()) else 0.0
     per_class = {
         label: {

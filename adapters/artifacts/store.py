@@ -310,7 +310,7 @@ def open_store(url: str) -> ArtifactStore:
         return LocalStore(path)
     if parsed.scheme == "s3":
         try:
-            from loradock.adapters.s3store import S3Store  # lazy: imports s3fs
+            from loradock.adapters.artifacts.s3store import S3Store  # lazy: imports s3fs
         except ImportError as e:  # pragma: no cover - depends on the installation
             raise StoreError(f"s3:// store URLs need s3fs installed: {e}") from e
         return S3Store.from_url(url)

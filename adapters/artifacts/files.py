@@ -3,7 +3,8 @@
 Files of a version (all safetensors or JSON; the store adds manifest.json last):
 - adapter_config.json, adapter_model.safetensors: PEFT LoRA format (absent for a head-only version)
 - head.safetensors: `weight` [out, hidden], `bias` [out]
-- loradock.json: task, labels, winner and why, label standardization, base fingerprint, metrics
+- loradock.json: task and the task's own section (`Task.meta`: labels, label scaling, ...), winner
+  and why, base fingerprint, metrics
 - reference.json, reference.safetensors: the reference profile for drift
 """
 
@@ -18,11 +19,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from loradock.adapters import lora
-from loradock.adapters.base import BaseModel
-from loradock.adapters.probe import LinearHead
-from loradock.adapters.profile import build_profile
-from loradock.adapters.store import ArtifactStore
+from loradock.adapters import tasks
+from loradock.adapters.artifacts.store import ArtifactStore
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.monitoring.profile import build_profile
+from loradock.adapters.tasks.base import Task, TaskStateError
+from loradock.adapters.tasks.probe import LinearHead
 
 FORMAT = 1
 PEFT_CONFIG = "adapter_config.json"
@@ -42,22 +45,19 @@ class AdapterModel:
     """A runnable adapter: optional LoRA weights plus a head, on one base model."""
 
     meta: dict[str, Any]
+    task: Task
     head: LinearHead
     weights: lora.LoRAWeights | None
 
     @property
-    def task(self) -> str:
-        return str(self.meta["task"])
-
-    @property
     def labels(self) -> list[str]:
-        return list(self.meta.get("labels", []))
+        return self.task.labels
 
     @torch.inference_mode()
     def forward(
         self, base: BaseModel, texts: Sequence[str], batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(outputs [n, C] or [n] in label units, pooled [n, hidden], token lengths) for texts."""
+        """(head outputs [n, n_outputs], pooled [n, hidden], token lengths) for texts."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         outs, pools, lengths = [], [], [0] * len(texts)
         head = LinearHead(self.head.weight.to(base.device), self.head.bias.to(base.device))
@@ -73,45 +73,33 @@ class AdapterModel:
                 lengths[i] = int(batch["attention_mask"][j].sum())
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        outputs = torch.cat(outs)[inverse]
-        pooled_all = torch.cat(pools)[inverse]
-        if self.task == "regression":
-            outputs = outputs.squeeze(-1) * float(self.meta["target_std"]) + float(
-                self.meta["target_mean"]
-            )
-        return outputs, pooled_all, lengths
+        return torch.cat(outs)[inverse], torch.cat(pools)[inverse], lengths
 
     def predict(self, base: BaseModel, texts: Sequence[str]) -> list[dict[str, Any]]:
         outputs, _, _ = self.forward(base, texts)
-        return [decode_output(self.task, self.labels, row) for row in outputs]
-
-
-def decode_output(task: str, labels: Sequence[str], row: torch.Tensor) -> dict[str, Any]:
-    """One row of head output (host memory) as a prediction: class logits [C] -> label, score and
-    scores; a regression value already in label units -> {"value"}."""
-    if task == "regression":
-        return {"value": float(row.reshape(-1)[0])}
-    probs = torch.softmax(row[: len(labels)].float(), dim=-1)
-    k = int(probs.argmax())
-    return {
-        "label": labels[k],
-        "score": float(probs[k]),
-        "scores": {lbl: float(probs[c]) for c, lbl in enumerate(labels)},
-    }
+        return [self.task.decode(row) for row in outputs]
 
 
 def build_files(
     *,
     base: BaseModel,
+    task: Task,
     meta: dict[str, Any],
     head: LinearHead,
     weights: lora.LoRAWeights | None,
     profile_texts: Sequence[str],
+    profile_outputs: torch.Tensor | None = None,
     seed: int = 0,
 ) -> dict[str, bytes]:
-    """Every file of a version, ready for `ArtifactStore.publish`."""
+    """Every file of a version, ready for `ArtifactStore.publish`.
+
+    The reference profile is computed on `profile_texts` with this model; `profile_outputs`
+    ([n, n_outputs], e.g. out-of-fold outputs) replaces its head outputs when given.
+    """
     meta = {
         **meta,
+        "task": task.name,
+        **task.meta(),
         "format": FORMAT,
         "base_fingerprint": base.fingerprint,
         "base_model_type": base.model_type,
@@ -140,12 +128,13 @@ def build_files(
             weights.peft_config(str(base.path)), indent=2, sort_keys=True
         ).encode()
         files[PEFT_WEIGHTS] = st_save(weights.peft_state_dict())
-    model = AdapterModel(meta=meta, head=head, weights=weights)
+    model = AdapterModel(meta=meta, task=task, head=head, weights=weights)
     if profile_texts:
         outputs, pooled, lengths = model.forward(base, profile_texts)
+        if profile_outputs is not None:
+            outputs = profile_outputs
         profile, tensors = build_profile(
-            task=meta["task"],
-            labels=meta.get("labels", []),
+            task=task,
             outputs=outputs,
             pooled=pooled,
             token_lengths=lengths,
@@ -172,6 +161,10 @@ def load_adapter(store: ArtifactStore, key: str, base: BaseModel) -> AdapterMode
     """Read and verify a version from the store and check that it fits this base model."""
     meta = json.loads(store.read(key, META))
     check_fits_base(meta, base, key)
+    try:
+        task = tasks.from_meta(meta)
+    except (tasks.UnknownTask, TaskStateError) as e:
+        raise ArtifactError(f"{key}: {e}") from e
     head_t = st_load(store.read(key, HEAD))
     head = LinearHead(weight=head_t["weight"], bias=head_t["bias"])
     weights = None
@@ -187,4 +180,4 @@ def load_adapter(store: ArtifactStore, key: str, base: BaseModel) -> AdapterMode
         tensors = st_load(store.read(key, PEFT_WEIGHTS))
         weights = lora.LoRAWeights.from_peft(spec, tensors, device=base.device, dtype=base.dtype)
         lora.install(base.backbone, weights.names)
-    return AdapterModel(meta=meta, head=head, weights=weights)
+    return AdapterModel(meta=meta, task=task, head=head, weights=weights)

@@ -8,9 +8,12 @@ embeddings (from the adapted model, the same vectors the serving forward pass co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from loradock.adapters.tasks.base import Task
 
 CONFIDENCE_BINS = 10
 LENGTH_EDGES = (8, 16, 32, 64, 128, 256, 512)  # token-count bin upper edges; one more bin above
@@ -34,14 +37,14 @@ def confidence_edges() -> list[float]:
 
 def build_profile(
     *,
-    task: str,
-    labels: Sequence[str],
-    outputs: torch.Tensor,  # [n, C] logits, or [n] regression values in label units
+    task: Task,
+    outputs: torch.Tensor,  # [n, n_outputs] head outputs
     pooled: torch.Tensor,  # [n, hidden]
     token_lengths: Sequence[int],
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Returns (JSON part, tensors part) of the profile."""
+    """Returns (JSON part, tensors part) of the profile: input lengths and an embedding sample
+    for every task, plus the task's own part (`Task.profile`: predicted labels, values, ...)."""
     n = len(token_lengths)
     profile: dict[str, Any] = {
         "format": 1,
@@ -49,19 +52,7 @@ def build_profile(
         "length_edges": list(LENGTH_EDGES),
         "length_histogram": histogram(token_lengths, LENGTH_EDGES),
     }
-    if task == "classification":
-        probs = torch.softmax(outputs.float(), dim=-1)
-        conf, pred = probs.max(dim=-1)
-        counts = torch.bincount(pred, minlength=len(labels)).tolist()
-        profile["label_distribution"] = {lbl: counts[i] for i, lbl in enumerate(labels)}
-        profile["confidence_edges"] = confidence_edges()
-        profile["confidence_histogram"] = histogram(conf.tolist(), confidence_edges())
-    else:
-        values = outputs.float().reshape(-1)
-        qs = torch.quantile(values, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
-        profile["value_quantiles"] = [round(q, 6) for q in qs]
-        profile["value_edges"] = [round(q, 6) for q in qs]
-        profile["value_histogram"] = histogram(values.tolist(), qs)
+    profile.update(task.profile(outputs))
     g = torch.Generator().manual_seed(seed)
     take = torch.randperm(n, generator=g)[:EMBEDDING_SAMPLE]
     tensors = {"embeddings": pooled.float().cpu()[take].contiguous()}

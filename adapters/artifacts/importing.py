@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
-from loradock.adapters.artifacts import (
+from loradock.adapters import tasks
+from loradock.adapters.artifacts.files import (
     HEAD,
     META,
     PEFT_CONFIG,
@@ -39,9 +40,7 @@ from loradock.adapters.artifacts import (
     ArtifactError,
     check_fits_base,
 )
-from loradock.adapters.base import BaseModel
-from loradock.adapters.lora import PEFT_PREFIX
-from loradock.adapters.store import (
+from loradock.adapters.artifacts.store import (
     MANIFEST,
     ArtifactCorrupt,
     Manifest,
@@ -49,10 +48,12 @@ from loradock.adapters.store import (
     validate_filename,
     verify_file,
 )
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.lora import PEFT_PREFIX
+from loradock.adapters.tasks.base import Task, TaskStateError
 
 MAX_FILES = 16
 _LORA_KEY = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight$")
-TASKS = ("classification", "regression")
 
 
 class ImportRejected(ArtifactError):
@@ -71,12 +72,8 @@ class ImportedVersion:
     files: dict[str, bytes]
 
     @property
-    def task(self) -> str:
-        return str(self.meta["task"])
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta.get("labels") or [])
+    def task(self) -> Task:
+        return tasks.from_meta(self.meta)
 
 
 def read_zip(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
@@ -152,10 +149,16 @@ def validate_import(
         check_fits_base(meta, base, META)
     except ArtifactError as e:
         raise ImportRejected(str(e)) from e
-    task = meta.get("task")
-    if task not in TASKS:
-        raise ImportRejected(f"{META}: task must be one of {list(TASKS)}, not {task!r}")
-    outputs = _check_labels(meta) if task == "classification" else _check_regression(meta)
+    try:
+        task = tasks.get(str(meta.get("task")))
+    except tasks.UnknownTask:
+        raise ImportRejected(
+            f"{META}: task must be one of {tasks.names()}, not {meta.get('task')!r}"
+        ) from None
+    try:
+        outputs = task.from_meta(meta).n_outputs
+    except TaskStateError as e:
+        raise ImportRejected(f"{META}: {e}") from e
     _check_head(files, outputs, base.hidden_size)
     peft_files = {PEFT_CONFIG, PEFT_WEIGHTS} & files.keys()
     if meta.get("has_lora"):
@@ -197,27 +200,6 @@ def _json_object(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ImportRejected(f"{name}: must be a JSON object")
     return value
-
-
-def _check_labels(meta: dict[str, Any]) -> int:
-    labels = meta.get("labels")
-    if (
-        not isinstance(labels, list)
-        or len(labels) < 2
-        or not all(isinstance(x, str) and x for x in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        raise ImportRejected(f"{META}: labels must be a list of at least 2 distinct strings")
-    return len(labels)
-
-
-def _check_regression(meta: dict[str, Any]) -> int:
-    mean, std = meta.get("target_mean", 0.0), meta.get("target_std", 1.0)
-    if not isinstance(mean, int | float) or not math.isfinite(mean):
-        raise ImportRejected(f"{META}: target_mean must be a finite number")
-    if not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
-        raise ImportRejected(f"{META}: target_std must be a finite number > 0")
-    return 1
 
 
 def _tensors(files: Mapping[str, bytes], name: str) -> dict[str, torch.Tensor]:

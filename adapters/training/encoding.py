@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from loradock.adapters import layercache, lora
-from loradock.adapters.base import BaseModel
-from loradock.adapters.data import Example
+from loradock.adapters.core import layercache, lora
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.training.data import Example
 
 CACHE_BUDGET_BYTES = 2 * 1024**3  # most memory the frozen-block cache may take
 

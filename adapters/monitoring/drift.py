@@ -95,3 +95,34 @@ def mmd_test(
         p_value=(at_least + 1) / (permutations + 1),
         bandwidth=bandwidth,
     )
+
+
+def shares(counts: Sequence[float]) -> list[float]:
+    """Counts as shares of their total (4 decimals)."""
+    total = float(sum(counts)) or 1.0
+    return [round(c / total, 4) for c in counts]
+
+
+def psi_signal(
+    reference: Sequence[float],
+    current: Sequence[float],
+    *,
+    edges: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, object]:
+    """One drift signal over binned counts: PSI beyond the noise, raw PSI, the noise, and both
+    distributions as shares (keyed by bin name when `names` is given, else listed with `edges`)."""
+    raw, noise, excess = psi_excess(reference, current)
+    out: dict[str, object] = {
+        "psi": round(excess, 4),
+        "psi_raw": round(raw, 4),
+        "psi_noise": round(noise, 4),
+    }
+    if names is not None:
+        out["reference"] = dict(zip(names, shares(reference), strict=True))
+        out["current"] = dict(zip(names, shares(current), strict=True))
+    else:
+        out["edges"] = list(edges or [])
+        out["reference"] = shares(reference)
+        out["current"] = shares(current)
+    return out

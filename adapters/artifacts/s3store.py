@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl, urlparse
 
 import s3fs
 
-from loradock.adapters.store import (
+from loradock.adapters.artifacts.store import (
     MANIFEST,
     ArtifactExists,
     ArtifactNotFound,

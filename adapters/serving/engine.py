@@ -13,16 +13,26 @@ from typing import Any
 
 import torch
 
-from loradock.adapters import lora
-from loradock.adapters.artifacts import decode_output, load_adapter
-from loradock.adapters.base import BaseModel
-from loradock.adapters.scheduling import PriorityGate
-from loradock.adapters.slots import AdapterRef, BatchedLoRA, Resident, SlotPool
-from loradock.adapters.store import ArtifactStore
+from loradock.adapters.artifacts.files import load_adapter
+from loradock.adapters.artifacts.store import ArtifactStore
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.serving.slots import AdapterRef, BatchedLoRA, Resident, SlotPool
+from loradock.adapters.tasks.base import Task
+from loradock.adapters.tasks.probe import LinearHead
 
 
 class BatchTooLarge(RuntimeError):
     """Even one row does not fit in device memory."""
+
+
+@dataclass(frozen=True)
+class ServedHead:
+    """What the engine keeps with a resident adapter besides its LoRA slot."""
+
+    task: Task
+    head: LinearHead  # weight [n_outputs, hidden], bias [n_outputs], on the device
 
 
 @dataclass
@@ -54,9 +64,9 @@ class Engine:
         self._loading: dict[AdapterRef, threading.Lock] = {}
         self._loading_guard = threading.Lock()
 
-    def acquire(self, ref: AdapterRef, key: str) -> Resident:
-        """The resident adapter for `ref`, loaded from the store at `key` on a miss. The caller
-        must `release` it after the batch that uses it."""
+    def acquire(self, ref: AdapterRef) -> Resident:
+        """The resident adapter for `ref`, loaded from the store at `ref.key` on a miss. The
+        caller must `release` it after the batch that uses it."""
         res = self.pool.get(ref, acquire=True)
         if res is not None:
             return res
@@ -68,18 +78,12 @@ class Engine:
                 if res is not None:
                     return res
                 started = time.perf_counter()
-                model = load_adapter(self.store, key, self.base)
-                meta = model.meta
-                res = self.pool.load(
-                    ref,
-                    model.weights,
-                    model.head,
-                    task=str(meta["task"]),
-                    labels=list(meta.get("labels", [])),
-                    target_mean=float(meta.get("target_mean", 0.0)),
-                    target_std=float(meta.get("target_std", 1.0)),
-                    acquire=True,
+                model = load_adapter(self.store, ref.key, self.base)
+                head = LinearHead(
+                    model.head.weight.to(self.base.device, self.base.dtype),
+                    model.head.bias.to(self.base.device, self.base.dtype),
                 )
+                res = self.pool.load(ref, model.weights, ServedHead(model.task, head), acquire=True)
                 if self.on_load is not None:
                     self.on_load(time.perf_counter() - started)
                 return res
@@ -149,19 +153,17 @@ class Engine:
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(residents):
             groups.setdefault(id(r), []).append(i)
-        width = max(r.head.weight.shape[0] for r in residents)
+        width = max(r.state.head.weight.shape[0] for r in residents)
         out = torch.zeros(len(residents), width, device=pooled.device, dtype=torch.float32)
         for rows in groups.values():
-            res = residents[rows[0]]
+            head = residents[rows[0]].state.head
             idx = torch.tensor(rows).to(pooled.device, non_blocking=True)
             x = pooled.index_select(0, idx)
-            logits = x @ res.head.weight.float().t() + res.head.bias.float()
+            logits = x @ head.weight.float().t() + head.bias.float()
             out[idx, : logits.shape[1]] = logits
         return out
 
     @staticmethod
     def _decode(res: Resident, row: torch.Tensor) -> dict[str, Any]:
         """One row's head output (host memory) as a prediction."""
-        if res.task == "regression":
-            row = row[:1] * res.target_std + res.target_mean  # standardized -> label units
-        return decode_output(res.task, res.labels, row)
+        return res.state.task.decode(row)

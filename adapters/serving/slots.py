@@ -18,13 +18,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from loradock.adapters import lora
-from loradock.adapters.base import BaseModel
-from loradock.adapters.probe import LinearHead
+from loradock.adapters.core import lora
+from loradock.adapters.core.base import BaseModel
 
 
 class CapacityError(RuntimeError):
@@ -37,23 +37,25 @@ class IncompatibleAdapter(ValueError):
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """Identity of one servable adapter version (small, immutable, hashable)."""
+    """One servable adapter version, as it travels the predict path (route -> batcher -> engine
+    -> monitor): small, immutable, hashable. Identity is (adapter_id, version); the other fields
+    say what to call it, where its files are and which task it serves."""
 
     adapter_id: str
     version: int
+    name: str = field(default="", compare=False)
+    key: str = field(default="", compare=False)  # its artifact in the store
+    task: str = field(default="", compare=False)
 
 
 @dataclass
 class Resident:
-    """Where a loaded adapter lives: its LoRA slot (0 = none) and its head."""
+    """Where a loaded adapter lives: its LoRA slot (0 = none), plus what the engine keeps with
+    it (its task and head); the pool holds LoRA weights only and never reads `state`."""
 
     ref: AdapterRef
     slot: int
-    head: LinearHead  # weight [out, hidden], bias [out], on the device
-    task: str
-    labels: list[str]
-    target_mean: float = 0.0
-    target_std: float = 1.0
+    state: Any
 
 
 @dataclass
@@ -160,19 +162,13 @@ class SlotPool:
         self,
         ref: AdapterRef,
         weights: lora.LoRAWeights | None,
-        head: LinearHead,
+        state: Any = None,
         *,
-        task: str,
-        labels: Sequence[str],
-        target_mean: float = 0.0,
-        target_std: float = 1.0,
         acquire: bool = False,
     ) -> Resident:
-        """Make `ref` servable: copy its matrices into a free slot (evicting if needed)."""
+        """Make `ref` servable: copy its matrices into a free slot (evicting if needed); `state`
+        is kept with it for the caller (the engine keeps the task and head there)."""
         host = self._host_copy(weights)
-        dev_head = LinearHead(
-            head.weight.to(self.device, self.dtype), head.bias.to(self.device, self.dtype)
-        )
         with self._lock:
             existing = self._lru.get(ref)
             if existing is not None:
@@ -180,10 +176,7 @@ class SlotPool:
                     self._in_use[existing.slot] += 1
                 return existing
             slot = self._place(host) if host.a else 0
-            res = Resident(
-                ref=ref, slot=slot, head=dev_head, task=task, labels=list(labels),
-                target_mean=target_mean, target_std=target_std,
-            )  # fmt: skip
+            res = Resident(ref=ref, slot=slot, state=state)
             self._lru[ref] = res
             self.loads += 1
             if acquire:
@@ -285,14 +278,6 @@ class SlotPool:
             for ref in [r for r in self._cpu if r.adapter_id == adapter_id]:
                 del self._cpu[ref]
             return len(doomed)
-
-    def acquire(self, residents: Sequence[Resident]) -> list[int]:
-        """Hold the slots of a batch so they are not reused before `release`."""
-        with self._lock:
-            slots = [r.slot for r in residents]
-            for s in slots:
-                self._in_use[s] += 1
-            return slots
 
     def release(self, slots: Sequence[int]) -> None:
         with self._lock:

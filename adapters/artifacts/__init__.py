@@ -1,0 +1,1 @@
+"""Artifacts: a version's files (build, load, import checks) and the stores that publish them."""

@@ -1,0 +1,1 @@
+"""Monitoring statistics: reference profiles and drift tests (PSI, MMD)."""

@@ -1,0 +1,182 @@
+"""The task interface: one class per task owns everything that differs between tasks.
+
+A task class is registered by name (`loradock.adapters.tasks.get`). Its class methods are what a
+task is before there is data (row checks, how to stratify, which metric decides); an instance is
+one adapter version's task state (its labels, its label scaling), built from a dataset for
+training or from the artifact's `loradock.json` for serving, and written back there by `meta()`.
+
+Semantics every task keeps:
+- head outputs are `[n, n_outputs]` float tensors; `metrics`, `decode` and `profile` take them as
+  the head produced them (a task rescales internally if it trained on scaled targets);
+- `metrics()` returns `loss` plus the task's scores; `summary()` turns them into the `val_*`
+  record stored per epoch; `decision_metric` names the one `val_*` key that early stopping's
+  winner choice (LoRA vs the baseline) and promotion (new vs live version) compare, through
+  `better()` only;
+- predictions are JSON objects; `prediction_value()` is the one field feedback compares.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from loradock.adapters.training.data import Dataset, Example, Problem
+
+
+class TaskStateError(ValueError):
+    """A task section of loradock.json that cannot be served (the message says why)."""
+
+
+def rounded(m: Mapping[str, Any], digits: int = 5) -> dict[str, Any]:
+    return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in m.items()}
+
+
+class Task(ABC):
+    """One task: row schema, head and loss, metrics and the decision metric, decoding, drift."""
+
+    name: ClassVar[str]
+    decision_metric: ClassVar[str]  # a `val_*` key of `summary()`
+    higher_is_better: ClassVar[bool]
+    label_doc: ClassVar[str]  # what a row's label is, for error messages and the API docs
+
+    # --- rows (before any state exists) --------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def parse_label(cls, value: Any) -> str | float:
+        """A row's label as the task stores it; ValueError with a short reason if it is not one."""
+
+    @classmethod
+    @abstractmethod
+    def check_labels(cls, examples: Sequence[Example], dataset: str) -> tuple[list[str], list[str]]:
+        """(the sorted class names or [], warnings) of a deduplicated dataset; raises
+        DatasetError when it cannot be trained on (one class, all targets equal, ...)."""
+
+    @classmethod
+    def validation_problems(cls, train: Dataset, validation: Dataset) -> list[Problem]:
+        """Rows of a given validation set that the trained model could never answer."""
+        return []
+
+    @classmethod
+    @abstractmethod
+    def strata(cls, examples: Sequence[Example]) -> list[str]:
+        """A stratum per example: splits and folds keep every stratum's share."""
+
+    @classmethod
+    def split_problems(cls, train: Dataset) -> list[Problem]:
+        """Why the dataset cannot be split into training and validation parts, if it cannot."""
+        return []
+
+    @classmethod
+    @abstractmethod
+    def cv_folds(cls, train: Dataset, wanted: int) -> int:
+        """How many cross-validation folds a small dataset supports (at least 2)."""
+
+    @classmethod
+    def better(cls, new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+        """Does `new` beat `old` on the decision metric? Missing on `new`: no; on `old`: yes."""
+        a, b = new.get(cls.decision_metric), old.get(cls.decision_metric)
+        if not isinstance(a, int | float) or not math.isfinite(a):
+            return False
+        if not isinstance(b, int | float) or not math.isfinite(b):
+            return True
+        return a > b if cls.higher_is_better else a < b
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def from_dataset(cls, train: Dataset) -> Task:
+        """The task state a training run on `train` starts from."""
+
+    @classmethod
+    @abstractmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> Task:
+        """The task state of a stored version; TaskStateError if `meta` is not a valid one."""
+
+    @abstractmethod
+    def meta(self) -> dict[str, Any]:
+        """This task's section of loradock.json (`from_meta(meta())` gives an equal state)."""
+
+    @property
+    @abstractmethod
+    def n_outputs(self) -> int:
+        """Width of the head: [n_outputs, hidden] weight."""
+
+    @property
+    def labels(self) -> list[str]:
+        return []
+
+    # --- training ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def targets(self, examples: Sequence[Example]) -> torch.Tensor:
+        """What the head is trained to output for `examples` ([n] class ids or [n] values)."""
+
+    @abstractmethod
+    def loss(
+        self,
+        outputs: torch.Tensor,  # [n, n_outputs]
+        targets: torch.Tensor,  # [n], from `targets`
+        *,
+        class_weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """The training loss (a scalar), also what the probe and validation report as `loss`."""
+
+    def class_weight(self, examples: Sequence[Example], setting: Any) -> torch.Tensor | None:
+        """Per-output loss weights from the `class_weights` hyperparameter (None: unweighted)."""
+        return None
+
+    @abstractmethod
+    def metrics(self, outputs: torch.Tensor, examples: Sequence[Example]) -> dict[str, Any]:
+        """Validation metrics of head outputs [n, n_outputs] against `examples`' labels:
+        `loss` and the task's scores, plus `per_group`/`group_gap` when rows have groups."""
+
+    summary_keys: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def summary(self, m: Mapping[str, Any]) -> dict[str, Any]:
+        """The stored record of `metrics()`: `val_<key>` per score, plus per-class/group tables."""
+        s: dict[str, Any] = {f"val_{k}": m[k] for k in self.summary_keys if k in m}
+        for k in ("group_gap", "per_class", "per_group"):
+            if k in m:
+                s[k] = m[k]
+        return rounded(s)
+
+    # --- serving -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def decode(self, row: torch.Tensor) -> dict[str, Any]:
+        """One row of head output [>= n_outputs] (host memory) as a prediction."""
+
+    @staticmethod
+    def prediction_value(prediction: Mapping[str, Any]) -> str:
+        """The part of a prediction that feedback's true label is compared with."""
+        return str(prediction.get("label", prediction.get("value")))
+
+    def check_feedback_label(self, label: str | float) -> str:
+        """A feedback label as stored; ValueError if this adapter could never predict it."""
+        return str(label)
+
+    @abstractmethod
+    def output_tensors(self, predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Predictions as named tensors (name, datatype, shape, data) for the Open Inference
+        Protocol; with an empty list, the same tensors with shape -1 (model metadata)."""
+
+    # --- drift ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def profile(self, outputs: torch.Tensor) -> dict[str, Any]:
+        """The task's part of a reference profile from head outputs on reference texts."""
+
+    @abstractmethod
+    def drift_signals(
+        self, reference: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Drift of live predictions against the profile's task part, one entry per signal:
+        `psi` (beyond sampling noise), `psi_raw`, `psi_noise`, and the two distributions."""

@@ -1,0 +1,1 @@
+"""Training: data parsing and validation, hyperparameters, token encoding, the trainer."""

@@ -1,0 +1,287 @@
+"""The data plane: everything between "a route parsed a request" and "the engine ran it".
+
+Every predict-like route (/v1 predict, /v2 infer, feedback, and the routes still to come) calls
+`DataPlane.predict`, which does, once for all of them: request metrics, the per-tenant rate
+limit, input checks, resolving the live (or asked-for) version, the mixed-adapter batch through
+the engine, truncation flags, and handing the answered rows to the drift monitor. Routes only
+translate their protocol to and from it. One `AdapterRef` travels the whole path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from loradock.adapters.artifacts.files import ArtifactError
+from loradock.adapters.artifacts.store import ArtifactNotFound, StoreError
+from loradock.adapters.serving.engine import BatchTooLarge, Engine, RowResult
+from loradock.adapters.serving.slots import AdapterRef, CapacityError, IncompatibleAdapter
+from loradock.adapters.tasks.base import Task
+from loradock.service.batcher import MicroBatcher
+from loradock.service.db.registry import Database
+from loradock.service.errors import Conflict, LoradockError, NotFound, Unprocessable
+from loradock.service.lookup import find_adapter, find_version
+from loradock.service.metrics import Metrics
+from loradock.service.monitor import Monitor
+from loradock.service.ratelimit import TenantRateLimiter
+from loradock.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class AdapterUnavailable(LoradockError):
+    status, slug, title = 503, "adapter-unavailable", "Adapter unavailable"
+
+
+class AdapterMissing(NotFound):
+    """The adapter itself is not in the registry (not merely one of its versions)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's answer: the version that answered, its task, a prediction per input (in
+    input order; `truncated: true` where the text was cut at the model's token limit) and the
+    per-row results the monitor sees."""
+
+    ref: AdapterRef
+    task: Task
+    predictions: list[dict[str, Any]]
+    rows: list[RowResult]
+
+
+class LiveVersions:
+    """Resolves `{adapter}` (+ optional version) to an AdapterRef, caching the live version.
+
+    A promotion or delete in this process invalidates the entry at once, so a response after a
+    promote's acknowledgement always comes from the new version. Other replicas' changes are seen
+    within `ttl` seconds (the entries expire and the registry is read again). When that read finds
+    a cached adapter gone (deleted on another replica, perhaps re-created under the same name),
+    `on_gone(adapter_id)` frees what this process still holds of it (its slots, its window).
+    """
+
+    def __init__(
+        self, db: Database, ttl: float = 1.0, on_gone: Callable[[str], None] | None = None
+    ) -> None:
+        self.db = db
+        self.ttl = ttl
+        self.on_gone = on_gone
+        self._cache: dict[tuple[str, str], tuple[float, AdapterRef]] = {}
+        self._lock = threading.Lock()
+        # Bumped by every invalidation. A lookup that read the registry while an invalidation
+        # happened must not cache what it read: it may be the version just replaced.
+        self._generation = 0
+
+    def invalidate(self, adapter_id: str) -> None:
+        with self._lock:
+            self._generation += 1
+            for key in [k for k, (_, t) in self._cache.items() if t.adapter_id == adapter_id]:
+                del self._cache[key]
+
+    def resolve(self, tenant_id: str, ref: str, version: int | None) -> AdapterRef:
+        with self._lock:
+            hit = self._cache.get((tenant_id, ref))
+            generation = self._generation
+        if version is None and hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        try:
+            target = self._read(tenant_id, ref, version)
+        except AdapterMissing:
+            if hit is not None:
+                self._gone(hit[1].adapter_id)
+            raise
+        if hit is not None and hit[1].adapter_id != target.adapter_id:
+            self._gone(hit[1].adapter_id)
+        if version is None:
+            with self._lock:
+                if self._generation == generation:
+                    self._cache[(tenant_id, ref)] = (time.monotonic(), target)
+        return target
+
+    def _gone(self, adapter_id: str) -> None:
+        """A cached adapter no longer exists in the registry: drop it here too."""
+        self.invalidate(adapter_id)
+        if self.on_gone is not None:
+            log.info("adapter %s was deleted elsewhere: freeing it here", adapter_id)
+            self.on_gone(adapter_id)
+
+    def _read(self, tenant_id: str, ref: str, version: int | None) -> AdapterRef:
+        with self.db.session() as s:
+            try:
+                adapter = find_adapter(s, tenant_id, ref)
+            except NotFound as e:
+                raise AdapterMissing(e.detail) from None
+            number = version if version is not None else adapter.live_version
+            if number is None:
+                if adapter.status == "training":
+                    raise Conflict(
+                        f"adapter {adapter.name!r} is still training: no live version yet"
+                    )
+                raise Conflict(
+                    f"adapter {adapter.name!r} has no live version (status {adapter.status})"
+                )
+            ver = find_version(s, adapter, number)
+            if ver.status != "ready" or not ver.artifact_key:
+                raise Conflict(f"version {number} of {adapter.name!r} is {ver.status}, not ready")
+            return AdapterRef(
+                adapter.id, number, name=adapter.name, key=ver.artifact_key, task=adapter.task
+            )
+
+
+class DataPlane:
+    """The engine, the batcher and the live-version cache behind every predict-like route."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        batcher: MicroBatcher,
+        live: LiveVersions,
+        settings: Settings,
+        *,
+        monitor: Monitor | None = None,
+        metrics: Metrics | None = None,
+        rate_limiter: TenantRateLimiter | None = None,
+    ) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self.live = live
+        self.settings = settings
+        self.monitor = monitor
+        self.metrics = metrics or Metrics()
+        self.rate_limiter = rate_limiter or TenantRateLimiter(0.0, 1.0)
+        if live.on_gone is None:  # deletes on other replicas free this process's copy too
+            live.on_gone = self.forget
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop a deleted adapter's slots (after in-flight use) and its monitoring window."""
+        self.live.invalidate(adapter_id)
+        self.engine.pool.drop(adapter_id)
+        if self.monitor is not None:
+            self.monitor.forget(adapter_id)
+
+    # --- the one path --------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        tenant_id: str,
+        adapter: str,
+        version: int | None,
+        texts: Sequence[str],
+        *,
+        protocol: str,
+        observe: bool = True,
+        check: Callable[[Task], None] | None = None,
+    ) -> Answer:
+        """Texts through the caller's adapter (its live version unless `version` is given).
+
+        `protocol` labels the request metrics (v1, v2, feedback); `observe=False` keeps the rows
+        out of drift monitoring (feedback texts are not traffic); `check` may refuse the request
+        once the version's task is known, before any compute."""
+        texts = list(texts)
+        with self.metrics_for(protocol, len(texts)):
+            self.rate_limiter.take(tenant_id)
+            self.check_inputs(texts)
+            ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, version)
+            resident = await self._acquire(ref)
+            try:
+                task: Task = resident.state.task
+                if check is not None:
+                    check(task)
+                rows = await self._run(resident, texts)
+            finally:
+                self.engine.release([resident])
+        if observe and self.monitor is not None:
+            self.monitor.observe(ref, rows)
+        limit = self.engine.base.max_length
+        predictions = []
+        for r in rows:
+            prediction = dict(r.output)
+            if r.tokens >= limit:
+                prediction["truncated"] = True
+            predictions.append(prediction)
+        return Answer(ref=ref, task=task, predictions=predictions, rows=rows)
+
+    async def task_of(self, tenant_id: str, adapter: str, version: int | None) -> Answer:
+        """The resolved version and its task, without predicting (model metadata routes)."""
+        ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, version)
+        resident = await self._acquire(ref)
+        self.engine.release([resident])
+        return Answer(ref=ref, task=resident.state.task, predictions=[], rows=[])
+
+    def check_inputs(self, texts: Sequence[str]) -> None:
+        s = self.settings
+        if not texts:
+            raise Unprocessable("inputs is empty")
+        if len(texts) > s.max_texts_per_request:
+            raise Unprocessable(
+                f"{len(texts)} inputs exceed the limit of {s.max_texts_per_request} per request "
+                "(setting LORADOCK_MAX_TEXTS_PER_REQUEST)"
+            )
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise Unprocessable(f"inputs[{i}] is empty")
+            if len(text) > s.max_text_chars:
+                raise Unprocessable(
+                    f"inputs[{i}] has {len(text)} characters, the limit is {s.max_text_chars} "
+                    "(setting LORADOCK_MAX_TEXT_CHARS)"
+                )
+
+    @contextmanager
+    def metrics_for(self, protocol: str, rows: int) -> Iterator[None]:
+        """Count and time one predict request; failures by a bounded reason."""
+        m = self.metrics
+        started = time.perf_counter()
+        try:
+            yield
+        except LoradockError as e:
+            m.predict_failures.labels(protocol, m.failure_reason(e.status)).inc()
+            raise
+        except Exception:
+            m.predict_failures.labels(protocol, "internal").inc()
+            raise
+        m.predict_requests.labels(protocol).inc()
+        m.predict_rows.inc(rows)
+        m.predict_seconds.labels(protocol).observe(time.perf_counter() - started)
+
+    # --- mechanics -----------------------------------------------------------------------------
+
+    def _load_failed(self, reason: str) -> None:
+        self.metrics.adapter_load_failures.labels(reason).inc()
+
+    async def _acquire(self, ref: AdapterRef) -> Any:
+        try:
+            return await asyncio.to_thread(self.engine.acquire, ref)
+        except IncompatibleAdapter as e:
+            self._load_failed("incompatible")
+            raise Conflict(f"version {ref.version} of {ref.name!r} cannot be served: {e}") from e
+        except CapacityError as e:
+            self._load_failed("capacity")
+            raise AdapterUnavailable(str(e), headers={"Retry-After": "1"}) from e
+        except (StoreError, ArtifactError, ValueError, KeyError, OSError) as e:
+            # One broken version fails its own requests only; nothing is cached, so a repaired
+            # store (or a promote to another version) serves again without a restart.
+            reason = (
+                "missing"
+                if isinstance(e, ArtifactNotFound)
+                else "corrupt"
+                if isinstance(e, StoreError)
+                else "incompatible"
+            )
+            self._load_failed(reason)
+            log.error("adapter %s v%d cannot be loaded (%s): %s", ref.adapter_id, ref.version,
+                      reason, e)  # fmt: skip
+            raise AdapterUnavailable(
+                f"version {ref.version} of {ref.name!r} cannot be loaded ({reason}): {e}; "
+                "promote another version or retrain it"
+            ) from e
+
+    async def _run(self, resident: Any, texts: list[str]) -> list[RowResult]:
+        try:
+            return await self.batcher.submit(resident, texts)
+        except BatchTooLarge as e:
+            raise AdapterUnavailable(str(e)) from e
