@@ -6,7 +6,7 @@ threads, training threads and plain base-model calls share one set of base weigh
 each other's adapters. A context decides what delta each wrapped layer adds:
 
 - `LoRAWeights` (training, or a single adapter): y = base(x) + scale * B(A(dropout(x)))
-- the batched serving engine (later) gathers a different adapter per row.
+- `BatchedLoRA` (serving, adapters/serving/slots.py) gathers a different adapter per row.
 
 Weights are kept in PEFT's layout (A: [r, d_in], B: [d_out, r]) so artifacts load with
 `peft.PeftModel.from_pretrained` outside loradock.

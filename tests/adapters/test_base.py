@@ -159,8 +159,16 @@ def test_unknown_architecture_config_is_a_clear_error(tmp_path, tiny_bert_dir):
         BaseModel.load(odd, device="cpu")
 
 
-def test_warm_up_runs(tiny_bert_dir):
-    BaseModel.load(tiny_bert_dir, device="cpu").warm_up()
+def test_warm_up_leaves_the_base_frozen_and_unchanged(tiny_bert_dir):
+    base = BaseModel.load(tiny_bert_dir, device="cpu")
+    before = {k: v.clone() for k, v in base.backbone.state_dict().items()}
+    embedded = base.embed(TEXTS)
+    base.warm_up()
+    assert not base.backbone.training
+    assert not any(p.requires_grad for p in base.backbone.parameters())
+    after = base.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(base.embed(TEXTS), embedded)  # no state carried over
 
 
 @pytest.mark.gpu

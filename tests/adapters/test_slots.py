@@ -180,11 +180,12 @@ def test_load_time_does_not_depend_on_residents(tiny_bert_dir):
     for i, w in enumerate(ws):
         pool.load(AdapterRef(f"ad_{i}", 1), w, served(i))
     snapshot = {n: a.clone() for n, a in pool.A.items()}
-    new = pool.load(AdapterRef("new", 1), random_weights(base, 4, 8, ("query",), None, seed=99),
-                    served(0))  # fmt: skip
+    new_weights = random_weights(base, 4, 8, ("query",), None, seed=99)
+    new = pool.load(AdapterRef("new", 1), new_weights, served(0))
     for name, a in pool.A.items():
         changed = (a != snapshot[name]).flatten(1).any(dim=1).nonzero().flatten().tolist()
-        assert changed in ([], [new.slot])
+        # exactly the new slot, in exactly the layers the new adapter targets
+        assert changed == ([new.slot] if name in new_weights.names else []), name
 
 
 def test_engine_loads_from_the_store_and_matches_single_adapter_predictions(

@@ -92,9 +92,13 @@ def test_report_explains_training(monitored):
     assert report["training"]["history"]
     assert report["overfitting"]["stop_reason"] in ("early_stopping", "max_epochs")
     assert report["overfitting"]["winner"] in ("lora", "probe")
+    best = report["overfitting"]["best_epoch"]
+    restored = [f for f in report["flags"] if f"restored {best}" in f]
     if report["overfitting"]["stop_reason"] == "early_stopping":
-        best = report["overfitting"]["best_epoch"]
-        assert any(f"restored {best}" in f for f in report["flags"])
+        assert len(restored) == 1  # the report says where it stopped and what it kept
+        assert report["overfitting"]["epochs_run"] > best
+    else:
+        assert restored == []  # no early-stopping flag when training ran every epoch
     assert report["drift"]["window_rows"] == 0
 
 

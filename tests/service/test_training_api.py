@@ -208,28 +208,6 @@ def test_events_stream_until_the_job_ends(app_client):
     assert events.index("epoch") < len(events) - 2
 
 
-def test_cross_validation_epochs_say_which_fold_they_belong_to(app_client):
-    rows = keyword_rows(6)  # 18 rows: under 50, so k-fold cross-validation, then a final fit
-    job_id = create(app_client, rows=rows, training_data=rows).json()["job"]["id"]
-    epochs = []
-    with app_client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
-        event = None
-        for line in resp.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: ") and event == "epoch":
-                epochs.append(json.loads(line.removeprefix("data: ")))
-    tags = [("final" if e.get("final_fit") else e.get("fold")) for e in epochs]
-    # Epochs that streamed while the job trained carry their run; when the job ends its history
-    # is the report's (fold 1, untagged) and a stream that polls then replays it.
-    live = tags[: tags.index(None)] if None in tags else tags
-    folds = [t for t in live if t != "final"]
-    assert isinstance(tags[0], int), epochs  # the first streamed epoch says its fold
-    assert all(1 <= f <= 5 for f in folds)
-    assert folds == sorted(folds)  # fold 1's epochs, then fold 2's, ... (a poll may skip one)
-    assert "final" not in live or live[live.index("final") :] == ["final"] * live.count("final")
-
-
 def test_retrain_promote_and_rollback(app_client):
     first = create(app_client).json()
     wait_job(app_client, first["job"]["id"])
