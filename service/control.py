@@ -1,24 +1,23 @@
 """The control plane: create, retrain, promote, delete and import adapters, once for every route.
 
-Each operation takes a tenant id and plain inputs, does its database, dataset and store work
-synchronously (routes call it from the thread pool, never on the event loop), and raises the
-typed errors of `service.errors`. Routes only translate HTTP to and from it. Promotion is written
-once here (`promote`) for the promote route; the training job's automatic promotion lives with
-the job (`service.jobs`) because it commits together with the job's outcome.
+Each operation takes a tenant id and plain inputs (training data as the uploaded bytes or form
+fields, parsed and validated by the dataset worker in a child process), does its database and
+store work synchronously (routes call it from the thread pool, never on the event loop), and
+raises the typed errors of `service.errors`. Routes only translate HTTP to and from it. Promotion
+is written once here (`promote`) for the promote route; the training job's automatic promotion
+lives with the job (`service.jobs`) because it commits together with the job's outcome.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from loradock.adapters import tasks
 from loradock.adapters.artifacts.files import META
 from loradock.adapters.artifacts.importing import (
     ImportRejected,
@@ -27,18 +26,10 @@ from loradock.adapters.artifacts.importing import (
     validate_import,
 )
 from loradock.adapters.artifacts.store import artifact_key
-from loradock.adapters.training.data import (
-    Dataset,
-    DatasetError,
-    check_split_feasible,
-    check_validation_labels,
-    remove_leakage,
-    validate_rows,
-)
-from loradock.adapters.training.hyperparameters import Hyperparameters
+from loradock.service.datasets import Form, Limits, Prepared
 from loradock.service.db.models import Adapter, Job, Version, new_id, utcnow
 from loradock.service.errors import Conflict, PayloadTooLarge, TooManyRequests, Unprocessable
-from loradock.service.jobs import DATASET_FILE, dataset_key, encode_dataset
+from loradock.service.jobs import DATASET_FILE, dataset_key
 from loradock.service.lookup import find_adapter, find_version
 from loradock.service.runtime import Runtime
 
@@ -46,24 +37,9 @@ ACTIVE_JOB = ("queued", "running")
 
 
 @dataclass(frozen=True)
-class TrainRequest:
-    """What a new version is trained from (already parsed; rows not yet validated)."""
-
-    training_data: Sequence[Mapping[str, Any]]
-    validation_data: Sequence[Mapping[str, Any]] | None = None
-    validation_split: float = 0.2
-    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
-    promote: str = "if_better"
-
-
-@dataclass(frozen=True)
 class Queued:
     adapter_id: str
     job_id: str
-
-
-def dataset_problem(e: DatasetError) -> Unprocessable:
-    return Unprocessable(str(e), extra={"errors": [p.as_dict() for p in e.problems]})
 
 
 class Control:
@@ -84,35 +60,33 @@ class Control:
 
     # --- training ------------------------------------------------------------------------------
 
-    def create(self, tenant_id: str, name: str, task: str, req: TrainRequest) -> Queued:
-        """A new adapter whose version 1 trains from `req` (queued; 202 semantics)."""
-        try:
-            task_cls = tasks.get(task)
-        except tasks.UnknownTask as e:
-            raise Unprocessable(f"task: {e}") from e
-        train, val = self._datasets(task_cls, req)
+    def create(self, tenant_id: str, upload: bytes | Form) -> Queued:
+        """A new adapter whose version 1 trains from `upload` (a JSON body, or a form with a
+        training file, parsed and validated by the dataset worker): queued, 202 semantics."""
+        prep = self.runtime.datasets.prepare(upload, "AdapterCreate", None, self._limits())
+        name = prep.fields["name"]
         try:
             with self.db.session() as s:
                 self._check_new_adapter(s, tenant_id, name)
                 adapter = Adapter(
-                    id=new_id("ad"), tenant_id=tenant_id, name=name, task=task_cls.name,
-                    labels=train.labels, status="training", created_at=utcnow(),
+                    id=new_id("ad"), tenant_id=tenant_id, name=name, task=prep.fields["task"],
+                    labels=prep.labels, status="training", created_at=utcnow(),
                     updated_at=utcnow(),
                 )  # fmt: skip
                 s.add(adapter)
                 s.flush()
-                job = self._queue(s, tenant_id, adapter, 1, req, train, val)
+                job = self._queue(s, tenant_id, adapter, 1, prep)
                 queued = Queued(adapter.id, job.id)
         except IntegrityError as e:
             raise Conflict(f"an adapter named {name!r} already exists") from e
         self._wake()
         return queued
 
-    def retrain(self, tenant_id: str, adapter: str, req: TrainRequest) -> Queued:
+    def retrain(self, tenant_id: str, adapter: str, upload: bytes | Form) -> Queued:
         """A new version of an existing adapter (one training job per adapter at a time)."""
         with self.db.session() as s:
-            task = tasks.get(find_adapter(s, tenant_id, adapter).task)
-        train, val = self._datasets(task, req)
+            task = find_adapter(s, tenant_id, adapter).task
+        prep = self.runtime.datasets.prepare(upload, "VersionCreate", task, self._limits())
         try:
             with self.db.session() as s:
                 row = find_adapter(s, tenant_id, adapter)
@@ -126,7 +100,7 @@ class Control:
                 latest = s.scalar(
                     select(func.max(Version.version)).where(Version.adapter_id == row.id)
                 )
-                job = self._queue(s, tenant_id, row, (latest or 0) + 1, req, train, val)
+                job = self._queue(s, tenant_id, row, (latest or 0) + 1, prep)
                 queued = Queued(row.id, job.id)
         except IntegrityError as e:
             raise Conflict("another version was created at the same time; retry") from e
@@ -242,45 +216,14 @@ class Control:
         if self.runtime.jobs is not None:
             self.runtime.jobs.wake()
 
-    def _check_servable(self, hp: Hyperparameters) -> None:
-        """Refuse to train what the serving slots could not hold."""
-        limit = self.runtime.settings.max_lora_rank
-        if hp.rank > limit:
-            raise Unprocessable(
-                f"hyperparameters.rank: {hp.rank} > max_lora_rank {limit} of this server "
-                "(setting LORADOCK_MAX_LORA_RANK)"
-            )
-        served = self.runtime.serve_targets()
-        unknown = sorted(set(hp.target_modules or []) - set(served))
-        if unknown:
-            raise Unprocessable(
-                f"hyperparameters.target_modules: {unknown} are not served by this server "
-                f"(serving targets: {served}; setting LORADOCK_SERVE_TARGET_MODULES)"
-            )
-
-    def _datasets(
-        self, task: type[tasks.Task], req: TrainRequest
-    ) -> tuple[Dataset, Dataset | None]:
-        self._check_servable(req.hyperparameters)
+    def _limits(self) -> Limits:
         s = self.runtime.settings
-        try:
-            train = validate_rows(
-                req.training_data, task, max_rows=s.max_dataset_rows,
-                max_text_chars=s.max_text_chars,
-            )  # fmt: skip
-            val = None
-            if req.validation_data is not None:
-                val = validate_rows(
-                    req.validation_data, task, max_rows=s.max_dataset_rows,
-                    max_text_chars=s.max_text_chars, dataset="validation_data", min_rows=2,
-                )  # fmt: skip
-                check_validation_labels(train, val)
-                remove_leakage(train, val)
-            else:
-                check_split_feasible(train)
-        except DatasetError as e:
-            raise dataset_problem(e) from e
-        return train, val
+        return Limits(
+            max_rows=s.max_dataset_rows,
+            max_text_chars=s.max_text_chars,
+            max_lora_rank=s.max_lora_rank,
+            serve_targets=tuple(self.runtime.serve_targets()),
+        )
 
     def _queue(
         self,
@@ -288,9 +231,7 @@ class Control:
         tenant_id: str,
         adapter: Adapter,
         version: int,
-        req: TrainRequest,
-        train: Dataset,
-        val: Dataset | None,
+        prep: Prepared,
     ) -> Job:
         """Store the dataset, then add version + job rows (the caller's transaction commits)."""
         waiting = s.scalar(
@@ -312,22 +253,22 @@ class Control:
             version=version,
             status="queued",
             spec={
-                "hyperparameters": req.hyperparameters.model_dump(exclude_defaults=True),
-                "promote": req.promote,
+                "hyperparameters": prep.fields["hyperparameters_given"],
+                "promote": prep.fields["promote"],
             },
             created_at=utcnow(),
         )
         self.store.publish(
             dataset_key(tenant_id, adapter.id, job.id),
-            {DATASET_FILE: encode_dataset(train, val, req.validation_split)},
+            {DATASET_FILE: prep.dataset},
         )
         s.add(
             Version(
                 adapter_id=adapter.id,
                 version=version,
                 status="training",
-                hyperparameters=req.hyperparameters.model_dump(),
-                report={"warnings": train.warnings + (val.warnings if val else [])},
+                hyperparameters=prep.fields["hyperparameters"],
+                report={"warnings": list(prep.warnings)},
                 created_at=utcnow(),
             )
         )

@@ -14,6 +14,7 @@ from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.serving.engine import Engine
 from loradock.adapters.serving.slots import SlotPool
 from loradock.service.dataplane import DataPlane
+from loradock.service.datasets import DatasetWorker
 from loradock.service.db.registry import Database
 from loradock.service.errors import NotReady
 from loradock.service.jobs import JobRunner
@@ -55,6 +56,8 @@ class Runtime:
         self.engine: Engine | None = None
         self.serving: DataPlane | None = None  # set by the app once the event loop runs
         self.gate = PriorityGate()  # serving work holds it; training steps yield to it
+        # Uploaded training data is parsed and validated in a child process (service/datasets).
+        self.datasets = DatasetWorker(settings.dataset_workers)
         self.error: str | None = None
         self._phase = Phase.STARTING
         self._changed = threading.Condition()
@@ -193,6 +196,7 @@ class Runtime:
             self.jobs.stop(timeout=self.settings.shutdown_grace_seconds)
         if self.monitor is not None:
             self.monitor.stop()
+        self.datasets.close()
         if self.db is not None:
             self.db.close()
         log.info("stopped")

@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     job_workers: int = Field(
         1, ge=0, le=64, description="Training worker threads in this process (0 = train nowhere)."
     )
+    dataset_workers: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Child processes that parse and validate uploaded training data, so a big "
+        "upload never competes with predictions for the server's GIL (0 = in the server's "
+        "thread pool). Started on the first upload.",
+    )
     job_max_attempts: int = Field(
         3, ge=1, le=100, description="Starts of one job before a crash-looping job is failed."
     )

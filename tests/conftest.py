@@ -38,8 +38,10 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, tiny_bert_dir: Path) -> Settings:
-    """Settings for an in-process app on the tiny BERT, with its own data dir."""
-    return Settings(data_dir=tmp_path / "data", base_model=tiny_bert_dir)
+    """Settings for an in-process app on the tiny BERT, with its own data dir. Uploads are
+    parsed in the thread pool (dataset_workers=0) to spare each test a process start; the
+    child-process path is tested in tests/service/test_datasets.py and by every real server."""
+    return Settings(data_dir=tmp_path / "data", base_model=tiny_bert_dir, dataset_workers=0)
 
 
 @pytest.fixture

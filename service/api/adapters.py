@@ -3,40 +3,35 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import zipfile
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from loradock.adapters import tasks
 from loradock.adapters.artifacts.store import MANIFEST, StoreError
-from loradock.adapters.training.data import DatasetError, parse_upload
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.schemas import (
     NAME_PATTERN,
     AdapterAndJob,
-    AdapterCreate,
     AdapterList,
     AdapterOut,
     JobOut,
-    VersionCreate,
     VersionOut,
 )
-from loradock.service.control import Control, Queued, TrainRequest, dataset_problem
+from loradock.service.control import Control, Queued
+from loradock.service.datasets import Form
 from loradock.service.db.models import Adapter, Job, Version
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict, NotFound, Unprocessable
 from loradock.service.lookup import find_adapter, find_version
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
-T = TypeVar("T", bound=VersionCreate)
 TrainDep = Depends(require("train"))
 ReadDep = Depends(require("predict"))
 
@@ -112,9 +107,9 @@ def job_out(job: Job) -> JobOut:
 # --- request parsing ---------------------------------------------------------------------------
 
 
-async def _read_body(request: Request) -> dict[str, Any] | bytes:
-    """The raw request: JSON bytes, or a multipart form's fields and file bytes (not parsed yet:
-    parsing and validating up to max_dataset_rows rows happens in the thread pool)."""
+async def _read_body(request: Request) -> Form | bytes:
+    """The raw request: JSON bytes, or a multipart form's fields and file bytes, not parsed yet
+    (the dataset worker parses and validates it, away from the event loop)."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         return await request.body()
@@ -128,58 +123,6 @@ async def _read_body(request: Request) -> dict[str, Any] | bytes:
         else:
             fields[key] = value
     return fields
-
-
-def _parse_body(raw: dict[str, Any] | bytes, model: type[T]) -> T:
-    """A JSON body, or a multipart form with training_file (JSONL/CSV) and form fields."""
-    if isinstance(raw, bytes):
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Unprocessable(f"body is not valid JSON: {e}") from e
-        return _validate(model, body)
-    form: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ("training_file", "validation_file"):
-            data, filename = value
-            target = "training_data" if key == "training_file" else "validation_data"
-            try:
-                form[target] = parse_upload(data, filename, target)
-            except DatasetError as e:
-                raise dataset_problem(e) from e
-        elif key == "hyperparameters":
-            try:
-                form[key] = json.loads(str(value)) if str(value).strip() else {}
-            except json.JSONDecodeError as e:
-                raise Unprocessable(f"hyperparameters: not a JSON object: {e}") from e
-        else:
-            form[key] = value
-    if "training_data" not in form:
-        raise Unprocessable("multipart upload needs a training_file (JSONL or CSV)")
-    return _validate(model, form)
-
-
-def _validate(model: type[T], body: Any) -> T:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        errors = [
-            {"loc": ["body", *[str(p) for p in err["loc"]]], "msg": err["msg"], "type": err["type"]}
-            for err in e.errors()
-        ]
-        first = errors[0]
-        where = ".".join(first["loc"][1:]) or "body"
-        raise Unprocessable(f"{where}: {first['msg']}", extra={"errors": errors}) from e
-
-
-def _train_request(body: VersionCreate) -> TrainRequest:
-    return TrainRequest(
-        training_data=body.training_data,
-        validation_data=body.validation_data,
-        validation_split=body.validation_split,
-        hyperparameters=body.hyperparameters,
-        promote=body.promote,
-    )
 
 
 def _adapter_and_job(db: Database, queued: Queued) -> AdapterAndJob:
@@ -209,11 +152,7 @@ async def create_adapter(
     raw = await _read_body(request)
 
     def create() -> AdapterAndJob:
-        body = _parse_body(raw, AdapterCreate)
-        queued = Control(runtime).create(
-            principal.tenant_id, body.name, body.task, _train_request(body)
-        )
-        return _adapter_and_job(db, queued)
+        return _adapter_and_job(db, Control(runtime).create(principal.tenant_id, raw))
 
     return await run_in_threadpool(create)
 
@@ -327,9 +266,7 @@ async def create_version(
     raw = await _read_body(request)
 
     def retrain() -> AdapterAndJob:
-        body = _parse_body(raw, VersionCreate)
-        queued = Control(runtime).retrain(principal.tenant_id, adapter, _train_request(body))
-        return _adapter_and_job(db, queued)
+        return _adapter_and_job(db, Control(runtime).retrain(principal.tenant_id, adapter, raw))
 
     return await run_in_threadpool(retrain)
 

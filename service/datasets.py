@@ -1,0 +1,232 @@
+"""Uploaded training data, parsed and validated away from serving.
+
+A 50,000-row upload is seconds of pure-Python work (JSON/CSV parsing, the request schema, row
+checks, encoding the stored dataset). Run on the event loop it would stall every prediction; run
+in a thread of the server it still competes for the GIL with the engine's forward passes (each
+needs the GIL between its ops, and waits up to the switch interval for it every time). So the
+whole of it runs in a child process (`DatasetWorker`, one spawned process by default, started on
+the first upload); the server only passes the raw bytes in and gets back a small result plus the
+encoded dataset to publish. `LORADOCK_DATASET_WORKERS=0` runs the same function in the calling
+thread instead (tests, tiny deployments).
+
+Everything that crosses the process boundary is plain data (bytes, str, dict): errors come back
+as `(status, detail, extra)` and are raised as the service's typed errors in the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from loradock.adapters import tasks
+from loradock.adapters.training.data import (
+    Dataset,
+    DatasetError,
+    check_split_feasible,
+    check_validation_labels,
+    parse_upload,
+    remove_leakage,
+    validate_rows,
+)
+from loradock.service.errors import (
+    BadRequest,
+    Conflict,
+    LoradockError,
+    PayloadTooLarge,
+    Unprocessable,
+)
+
+log = logging.getLogger(__name__)
+_ERRORS: dict[str, type[LoradockError]] = {
+    cls.__name__: cls for cls in (BadRequest, Conflict, PayloadTooLarge, Unprocessable)
+}
+
+# A multipart form as read on the event loop: field -> str, or (file bytes, file name).
+Form = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts (from its settings), passed to the worker as plain data."""
+
+    max_rows: int
+    max_text_chars: int
+    max_lora_rank: int
+    serve_targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated training request: its small fields, and the dataset ready to store."""
+
+    fields: dict[str, Any]  # name, task, hyperparameters, promote, validation_split
+    labels: list[str]
+    warnings: list[str]
+    rows: int
+    dataset: bytes  # the dataset file's content (service.jobs.decode_dataset reads it)
+
+
+def prepare(raw: bytes | Form, schema: str, task: str | None, limits: Limits) -> Prepared:
+    """Parse, validate and encode one training request; raises LoradockError (4xx).
+
+    `schema`: "AdapterCreate" (a new adapter: the body names its task) or "VersionCreate" (a new
+    version: `task` is the adapter's)."""
+    from loradock.service.api.schemas import AdapterCreate, VersionCreate
+    from loradock.service.jobs import encode_dataset
+
+    model = AdapterCreate if schema == "AdapterCreate" else VersionCreate
+    body = _validate(model, _parse(raw))
+    hp = body.hyperparameters
+    if hp.rank > limits.max_lora_rank:
+        raise Unprocessable(
+            f"hyperparameters.rank: {hp.rank} > max_lora_rank {limits.max_lora_rank} of this "
+            "server (setting LORADOCK_MAX_LORA_RANK)"
+        )
+    unknown = sorted(set(hp.target_modules or []) - set(limits.serve_targets))
+    if unknown:
+        raise Unprocessable(
+            f"hyperparameters.target_modules: {unknown} are not served by this server "
+            f"(serving targets: {list(limits.serve_targets)}; setting "
+            "LORADOCK_SERVE_TARGET_MODULES)"
+        )
+    task_name = getattr(body, "task", None) or task
+    try:
+        task_cls = tasks.get(str(task_name))
+    except tasks.UnknownTask as e:
+        raise Unprocessable(f"task: {e}") from e
+    train, val = _datasets(task_cls, body, limits)
+    fields = {
+        "task": task_cls.name,
+        "hyperparameters": hp.model_dump(),
+        "hyperparameters_given": hp.model_dump(exclude_defaults=True),
+        "promote": body.promote,
+        "validation_split": body.validation_split,
+    }
+    if isinstance(body, AdapterCreate):
+        fields["name"] = body.name
+    return Prepared(
+        fields=fields,
+        labels=train.labels,
+        warnings=train.warnings + (val.warnings if val else []),
+        rows=len(train.examples),
+        dataset=encode_dataset(train, val, body.validation_split),
+    )
+
+
+def dataset_problem(e: DatasetError) -> Unprocessable:
+    return Unprocessable(str(e), extra={"errors": [p.as_dict() for p in e.problems]})
+
+
+def _parse(raw: bytes | Form) -> Any:
+    """A JSON body, or a multipart form with training_file (JSONL/CSV) and form fields."""
+    if isinstance(raw, bytes):
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Unprocessable(f"body is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise Unprocessable("body is not valid JSON: nested too deeply") from e
+    form: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("training_file", "validation_file"):
+            data, filename = value
+            target = "training_data" if key == "training_file" else "validation_data"
+            try:
+                form[target] = parse_upload(data, filename, target)
+            except DatasetError as e:
+                raise dataset_problem(e) from e
+        elif key == "hyperparameters":
+            try:
+                form[key] = json.loads(str(value)) if str(value).strip() else {}
+            except json.JSONDecodeError as e:
+                raise Unprocessable(f"hyperparameters: not a JSON object: {e}") from e
+        else:
+            form[key] = value
+    if "training_data" not in form:
+        raise Unprocessable("multipart upload needs a training_file (JSONL or CSV)")
+    return form
+
+
+def _validate(model: Any, body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        errors = [
+            {"loc": ["body", *[str(p) for p in err["loc"]]], "msg": err["msg"], "type": err["type"]}
+            for err in e.errors()
+        ]
+        first = errors[0]
+        where = ".".join(first["loc"][1:]) or "body"
+        raise Unprocessable(f"{where}: {first['msg']}", extra={"errors": errors}) from e
+
+
+def _datasets(task: type[tasks.Task], body: Any, limits: Limits) -> tuple[Dataset, Dataset | None]:
+    try:
+        train = validate_rows(
+            body.training_data, task, max_rows=limits.max_rows,
+            max_text_chars=limits.max_text_chars,
+        )  # fmt: skip
+        val = None
+        if body.validation_data is not None:
+            val = validate_rows(
+                body.validation_data, task, max_rows=limits.max_rows,
+                max_text_chars=limits.max_text_chars, dataset="validation_data", min_rows=2,
+            )  # fmt: skip
+            check_validation_labels(train, val)
+            remove_leakage(train, val)
+        else:
+            check_split_feasible(train)
+    except DatasetError as e:
+        raise dataset_problem(e) from e
+    return train, val
+
+
+def _prepare_in_child(
+    raw: bytes | Form, schema: str, task: str | None, limits: Limits
+) -> Prepared | tuple[str, str, dict[str, Any]]:
+    """`prepare` with its 4xx errors returned as plain data (exceptions may not pickle)."""
+    try:
+        return prepare(raw, schema, task, limits)
+    except LoradockError as e:
+        return (type(e).__name__, e.detail, dict(e.extra))
+
+
+class DatasetWorker:
+    """Runs `prepare` in a spawned child process (or inline with processes=0)."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def prepare(self, raw: bytes | Form, schema: str, task: str | None, limits: Limits) -> Prepared:
+        """Blocking: call it from the thread pool, not the event loop."""
+        if self.processes <= 0:
+            return prepare(raw, schema, task, limits)
+        result = self._executor().submit(_prepare_in_child, raw, schema, task, limits).result()
+        if isinstance(result, tuple):
+            kind, detail, extra = result
+            raise _ERRORS.get(kind, Unprocessable)(detail, extra=extra)
+        return result
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: the server holds torch threads and locks a fork would copy.
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+                log.info("dataset worker: %d process(es) for upload parsing", self.processes)
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None

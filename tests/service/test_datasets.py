@@ -1,0 +1,76 @@
+"""Uploads are parsed and validated in a child process: the same answers as in-process, errors
+included, and the server's own process does none of the row work."""
+
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loradock.service.app import create_app
+from loradock.service.runtime import Phase
+from tests.datasets import keyword_rows
+from tests.service.test_app import assert_problem
+from tests.service.test_training_api import FAST, wait_job
+
+
+@pytest.fixture
+def child_client(settings, metrics):
+    settings = settings.model_copy(update={"dataset_workers": 1})
+    app = create_app(settings, metrics=metrics)
+    with TestClient(app) as client:
+        assert app.state.runtime.wait_until_settled(60) is Phase.READY
+        key = (settings.data_dir / "bootstrap-key").read_text().strip()
+        client.headers["Authorization"] = f"Bearer {key}"
+        yield client
+
+
+def test_uploads_are_validated_in_a_child_process(child_client):
+    runtime = child_client.app.state.runtime
+    rows = keyword_rows(20)
+    body = {"name": "tickets", "training_data": [*rows, rows[0]], "hyperparameters": FAST}
+    resp = child_client.post("/v1/adapters", json=body)
+    assert resp.status_code == 202, resp.text
+    pool = runtime.datasets._pool
+    assert pool is not None  # started on the first upload
+    pids = {p.pid for p in pool._processes.values()}
+    assert pids
+    assert os.getpid() not in pids
+    version = resp.json()["adapter"]["versions"][0]
+    assert version["report"]["warnings"] == ["training_data: dropped 1 exact duplicate rows"]
+    assert wait_job(child_client, resp.json()["job"]["id"])["status"] == "succeeded"
+
+    # A multipart CSV upload of a new version goes the same way.
+    csv = "text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in keyword_rows(8, 3))
+    resp = child_client.post(
+        "/v1/adapters/tickets/versions",
+        files={"training_file": ("rows.csv", csv.encode(), "text/csv")},
+        data={"hyperparameters": '{"epochs": 1}'},
+    )
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["job"]["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"name": "x", "training_data": [{"text": "a", "label": "b"}]}', "at least 4"),
+        (b'{"name": "x", "training_data": [], "hyperparameters": {"rank": 999}}', "rank"),
+        (b'{"name": "x", "task": "summarize", "training_data": []}', "unknown task"),
+    ],
+)
+def test_errors_from_the_child_are_the_same_problems(child_client, body, detail):
+    resp = child_client.post(
+        "/v1/adapters", content=body, headers={"Content-Type": "application/json"}
+    )
+    problem = assert_problem(resp, 422, detail)
+    assert problem["type"] == "urn:loradock:problem:validation-error"
+    assert child_client.get("/v1/adapters").json()["adapters"] == []  # nothing stored
+
+
+def test_row_problems_keep_their_locations(child_client):
+    rows = [*keyword_rows(3), {"text": "", "label": "billing"}, {"text": "t", "label": None}]
+    resp = child_client.post("/v1/adapters", json={"name": "x", "training_data": rows})
+    problem = assert_problem(resp, 422, "row 10")
+    where = [(e["row"], e["field"]) for e in problem["errors"]]
+    assert where == [(10, "text"), (11, "label")]
