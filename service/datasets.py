@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +200,18 @@ def _prepare_in_child(
         return (type(e).__name__, e.detail, dict(e.extra))
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In the child: exit as soon as the server process is gone (killed with -9, say), so a
+    crashed server never leaves an orphaned worker holding memory."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="loradock-parent-watch", daemon=True).start()
+
+
 class DatasetWorker:
     """Runs `prepare` in a spawned child process (or inline with processes=0)."""
 
@@ -221,7 +235,12 @@ class DatasetWorker:
             if self._pool is None:
                 # spawn, not fork: the server holds torch threads and locks a fork would copy.
                 context = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=context,
+                    initializer=_exit_with_parent,
+                    initargs=(os.getpid(),),
+                )
                 log.info("dataset worker: %d process(es) for upload parsing", self.processes)
             return self._pool
 

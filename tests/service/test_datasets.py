@@ -74,3 +74,47 @@ def test_row_problems_keep_their_locations(child_client):
     problem = assert_problem(resp, 422, "row 10")
     where = [(e["row"], e["field"]) for e in problem["errors"]]
     assert where == [(10, "text"), (11, "label")]
+
+
+def test_the_worker_exits_when_the_server_process_is_killed(tmp_path):
+    """A server killed with -9 must not leave its dataset worker behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from loradock.service.datasets import DatasetWorker, Limits\n"
+        "w = DatasetWorker(1)\n"
+        "try:\n"
+        "    w.prepare(b'{', 'AdapterCreate', None, Limits(10, 10, 8, ('query',)))\n"
+        "except Exception:\n"
+        "    pass\n"
+        "print(*[p.pid for p in w._pool._processes.values()], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(x) for x in proc.stdout.readline().split()]
+        assert children
+        for pid in children:
+            os.kill(pid, 0)  # alive while the server lives
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        alive = children
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in alive if _running(pid)]
+        assert alive == [], "dataset worker outlived its killed server"
+    finally:
+        proc.kill()
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
