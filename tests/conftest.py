@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,9 +51,9 @@ def metrics() -> Metrics:
     return Metrics()  # a fresh registry per test
 
 
-@pytest.fixture
-def app_client(settings: Settings, metrics: Metrics) -> Iterator[object]:
-    """A TestClient on a started app (lifespan run, base model loaded)."""
+@contextmanager
+def started_client(settings: Settings, metrics: Metrics) -> Iterator[Any]:
+    """A TestClient on a started app (lifespan run, base model loaded), with the admin key."""
     from fastapi.testclient import TestClient
 
     from loradock.service.app import create_app
@@ -62,6 +64,13 @@ def app_client(settings: Settings, metrics: Metrics) -> Iterator[object]:
         assert app.state.runtime.wait_until_settled(60) is Phase.READY, app.state.runtime.error
         client.admin_key = (settings.data_dir / "bootstrap-key").read_text().strip()  # type: ignore[attr-defined]
         client.headers["Authorization"] = f"Bearer {client.admin_key}"  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture
+def app_client(settings: Settings, metrics: Metrics) -> Iterator[object]:
+    """A TestClient on a started app (lifespan run, base model loaded)."""
+    with started_client(settings, metrics) as client:
         yield client
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,14 +289,22 @@ class BaseModel:
         return summed / mask.sum(dim=1).clamp(min=1.0)
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Pooled embeddings of `texts`: [n, hidden] float32 on the model's device."""
+    def embed(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        between: Callable[[], object] | None = None,
+    ) -> torch.Tensor:
+        """Pooled embeddings of `texts`: [n, hidden] float32 on the model's device. `between`
+        runs before each batch (training passes a cancel check and its yield to serving)."""
         if not texts:
             return torch.empty(0, self.hidden_size, device=self.device)
         chunks = []
         # Sort by length so each batch pads to similar lengths; restore the order at the end.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), batch_size):
+            if between is not None:
+                between()
             idx = order[start : start + batch_size]
             batch = self.tokenize([texts[i] for i in idx])
             hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])

@@ -9,7 +9,7 @@ that embeds the texts for the probe anyway) and fed to the upper blocks in every
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +45,15 @@ class TrainingEncoder:
         self.cache_device = torch.device("cpu")
 
     def embed(
-        self, texts: Sequence[str], start: int, report: dict[str, Any]
+        self,
+        texts: Sequence[str],
+        start: int,
+        report: dict[str, Any],
+        between: Callable[[], object] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pooled frozen embeddings of every text (for the probe). When LoRA leaves the lower
-        blocks frozen, the same pass also caches what enters the first adapted block."""
+        blocks frozen, the same pass also caches what enters the first adapted block.
+        `between` runs before each batch (a cancel check, the yield to serving)."""
         n_tokens = sum(len(x) for x in self.tokenize_texts(texts))
         budget_ok = n_tokens * self.base.hidden_size * 4 <= CACHE_BUDGET_BYTES
         self.cache = {}
@@ -60,13 +65,15 @@ class TrainingEncoder:
         ):
             if start > 0:
                 report["frozen_block_cache"] = "off: over the memory budget or unknown blocks"
-            pooled = self.base.embed(list(texts), batch_size=64).cpu().clone()
+            pooled = self.base.embed(list(texts), batch_size=64, between=between).cpu().clone()
             return {t: pooled[i] for i, t in enumerate(texts)}
         out: dict[str, torch.Tensor] = {}
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         blocks = (self.base.backbone, self.base.num_layers, start)
         with torch.inference_mode(), layercache.capture_input_of(*blocks) as captured:
             for s in range(0, len(order), 64):
+                if between is not None:
+                    between()
                 idx = order[s : s + 64]
                 batch = self.base.tokenize([texts[i] for i in idx])
                 hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])

@@ -143,7 +143,7 @@ class Trainer:
                 final_on_all = False
 
             texts = sorted({e.text for tr, va in splits for e in tr + va})
-            embeddings = self._embed_all(texts, hp, report)
+            embeddings = self._embed_all(texts, hp, report, cb)
             report["timings"] = {"embed_seconds": round(time.perf_counter() - started, 3)}
 
             fold_results = []
@@ -179,13 +179,20 @@ class Trainer:
     # --- preparation ---------------------------------------------------------------------------
 
     def _embed_all(
-        self, texts: Sequence[str], hp: Hyperparameters, report: dict[str, Any]
+        self, texts: Sequence[str], hp: Hyperparameters, report: dict[str, Any], cb: TrainCallbacks
     ) -> dict[str, torch.Tensor]:
         """Pooled frozen embeddings of every text (for the probe); when LoRA leaves the lower
-        blocks frozen, the same pass caches what enters the first adapted block."""
+        blocks frozen, the same pass caches what enters the first adapted block. A big dataset
+        takes minutes here: cancelling stops it, and serving keeps its priority, per batch."""
         spec, _ = self._spec(hp)
         start = min(spec.layers) if spec.layers else 0
-        return self.encoder.embed(texts, start, report)
+
+        def between() -> None:
+            if cb.should_cancel():
+                raise Cancelled()
+            self.gate.yield_to_serving()
+
+        return self.encoder.embed(texts, start, report, between)
 
     def _spec(self, hp: Hyperparameters) -> tuple[lora.LoRASpec, list[str]]:
         targets = tuple(hp.target_modules or self.base.default_target_modules())

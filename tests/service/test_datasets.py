@@ -4,10 +4,8 @@ included, and the server's own process does none of the row work."""
 import os
 
 import pytest
-from fastapi.testclient import TestClient
 
-from loradock.service.app import create_app
-from loradock.service.runtime import Phase
+from tests.conftest import started_client
 from tests.datasets import keyword_rows
 from tests.service.test_app import assert_problem
 from tests.service.test_training_api import FAST, wait_job
@@ -15,12 +13,7 @@ from tests.service.test_training_api import FAST, wait_job
 
 @pytest.fixture
 def child_client(settings, metrics):
-    settings = settings.model_copy(update={"dataset_workers": 1})
-    app = create_app(settings, metrics=metrics)
-    with TestClient(app) as client:
-        assert app.state.runtime.wait_until_settled(60) is Phase.READY
-        key = (settings.data_dir / "bootstrap-key").read_text().strip()
-        client.headers["Authorization"] = f"Bearer {key}"
+    with started_client(settings.model_copy(update={"dataset_workers": 1}), metrics) as client:
         yield client
 
 

@@ -3,11 +3,9 @@ event ids and resuming with Last-Event-ID, keep-alives while a job waits; and wh
 (cross-validated) dataset leaves behind: its warnings and a reference profile for drift."""
 
 import pytest
-from fastapi.testclient import TestClient
 from loradock_client._transport import decode_sse
 
-from loradock.service.app import create_app
-from loradock.service.runtime import Phase
+from tests.conftest import started_client
 from tests.datasets import keyword_rows
 from tests.service.test_predict_api import predict
 from tests.service.test_training_api import FAST, create, wait_job
@@ -81,12 +79,9 @@ def test_a_small_dataset_streams_every_epoch_once_and_keeps_warnings_and_drift(a
 @pytest.fixture
 def idle_client(settings, metrics):
     """A server that trains nothing (job_workers=0), with quick keep-alives."""
-    settings = settings.model_copy(update={"job_workers": 0, "events_keepalive_seconds": 0.2})
-    app = create_app(settings, metrics=metrics)
-    with TestClient(app) as client:
-        assert app.state.runtime.wait_until_settled(60) is Phase.READY
-        key = (settings.data_dir / "bootstrap-key").read_text().strip()
-        client.headers["Authorization"] = f"Bearer {key}"
+    with started_client(
+        settings.model_copy(update={"job_workers": 0, "events_keepalive_seconds": 0.2}), metrics
+    ) as client:
         yield client
 
 
