@@ -80,7 +80,11 @@ def problem(status: int, detail: str, **extra: Any) -> dict[str, Any]:
 
 
 def sse(events: list[tuple[str, dict]]) -> bytes:
-    return b"".join(f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events)
+    """Server-sent events; the name ":" sends a comment line (a keep-alive) instead."""
+    return b"".join(
+        (": keep-alive\n\n" if e == ":" else f"event: {e}\ndata: {json.dumps(d)}\n\n").encode()
+        for e, d in events
+    )
 
 
 class _Quiet(ThreadingHTTPServer):

@@ -44,6 +44,7 @@ def test_sse_decoding_follows_the_event_stream_rules():
         "event: dangling",
     ]
     assert list(decode_sse(lines)) == [  # the last event id persists until a new one
+        JobEvent("keep-alive", {"comment": "a comment"}),  # a comment: the stream is alive
         JobEvent("epoch", {"epoch": 1, "val_loss": 0.5}, "7"),
         JobEvent("message", {"value": [1, 2]}, "7"),
         JobEvent("end", {"raw": "not json"}, "7"),
@@ -82,6 +83,21 @@ def test_watch_gives_up_when_streams_keep_ending_without_news():
         ):
             client.jobs.watch("job_1", progress=False)
     assert len(server.hits("GET", EVENTS)) == 3
+
+
+def test_watch_keeps_following_a_waiting_job_whose_streams_carry_keep_alives():
+    """A queued job's stream cut by a proxy (no news, but keep-alives) is not a failing server:
+    the client reconnects as long as it takes, then returns the finished job."""
+    waiting = [*samples.job_events()[:1], (":", {}), (":", {})]  # status queued, keep-alives
+    with FakeServer() as server:
+        server.on(
+            "GET", EVENTS, *[Reply(events=waiting) for _ in range(6)],
+            Reply(events=samples.job_events()),
+        )  # fmt: skip
+        with Client(server.url, "k", retry=FAST) as client:
+            job = client.jobs.watch("job_1", progress=False)
+    assert job.status == "succeeded"
+    assert len(server.hits("GET", EVENTS)) == 7  # more than max_attempts quiet streams
 
 
 def test_watch_of_a_job_whose_adapter_was_deleted_raises_not_found():

@@ -19,7 +19,7 @@ from loradock_client.errors import (
     RetryableError,
     error_from_response,
 )
-from loradock_client.models import JobEvent
+from loradock_client.models import KEEP_ALIVE, JobEvent
 
 log = logging.getLogger("loradock_client")
 
@@ -213,7 +213,9 @@ def log_retry(event: RetryEvent, hook: RetryHook | None) -> None:
 
 
 class SSEDecoder:
-    """Turns the lines of a text/event-stream into events (WHATWG rules for event/data/comments)."""
+    """Turns the lines of a text/event-stream into events (WHATWG rules for event/data/id). A
+    comment line (the server's keep-alive) becomes a `keep-alive` event at once: proof that the
+    stream is alive, which a job watcher needs, though it carries no data."""
 
     def __init__(self) -> None:
         self._event = ""
@@ -225,7 +227,7 @@ class SSEDecoder:
         if not line:
             return self._dispatch()
         if line.startswith(":"):
-            return None
+            return JobEvent(KEEP_ALIVE, {"comment": line[1:].strip()}, self._id)
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "event":

@@ -179,9 +179,13 @@ class MonitoringReport(Model):
     flags: list[str] = Field(default_factory=list)
 
 
+KEEP_ALIVE = "keep-alive"
+
+
 @dataclass(frozen=True)
 class JobEvent:
-    """One server-sent event of GET /v1/jobs/{id}/events: `status`, `progress`, `epoch`, `end`."""
+    """One server-sent event of GET /v1/jobs/{id}/events: `status`, `progress`, `epoch`, `end`,
+    or `keep-alive` (the server's idle comment, no data)."""
 
     event: str
     data: dict[str, Any]

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from loradock_client.models import Job, JobEvent, JobProgress
+from loradock_client.models import KEEP_ALIVE, Job, JobEvent, JobProgress
 from loradock_client.render import epoch_line, num
 
 EventHook = Callable[[JobEvent], None]
@@ -44,6 +44,8 @@ class JobWatch:
     def accept(self, event: JobEvent) -> bool:
         """Pass the event on unless it repeats what was passed already; True if passed on."""
         data = event.data
+        if event.event == KEEP_ALIVE:  # the stream is alive: news enough to keep following
+            return True
         if event.event == "epoch" and event.id is not None:
             if event.id in self._ids:
                 return False
