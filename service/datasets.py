@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,7 +225,14 @@ class DatasetWorker:
         """Blocking: call it from the thread pool, not the event loop."""
         if self.processes <= 0:
             return prepare(raw, schema, task, limits)
-        result = self._executor().submit(_prepare_in_child, raw, schema, task, limits).result()
+        try:
+            result = self._executor().submit(_prepare_in_child, raw, schema, task, limits).result()
+        except (BrokenProcessPool, OSError) as e:
+            # The worker died (killed, out of memory) or could not start: start a fresh one next
+            # time, and do this upload here rather than fail it.
+            log.warning("dataset worker unavailable (%s); parsing this upload in-process", e)
+            self.close()
+            return prepare(raw, schema, task, limits)
         if isinstance(result, tuple):
             kind, detail, extra = result
             raise _ERRORS.get(kind, Unprocessable)(detail, extra=extra)
@@ -246,6 +254,6 @@ class DatasetWorker:
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

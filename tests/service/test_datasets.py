@@ -43,6 +43,23 @@ def test_uploads_are_validated_in_a_child_process(child_client):
     assert resp.json()["job"]["version"] == 2
 
 
+def test_a_dead_worker_is_replaced_and_the_upload_still_succeeds(child_client):
+    import signal
+
+    rows = keyword_rows(5)
+    body = {"name": "first", "training_data": rows, "hyperparameters": FAST}
+    assert child_client.post("/v1/adapters", json=body).status_code == 202
+    datasets = child_client.app.state.runtime.datasets
+    (pid,) = [p.pid for p in datasets._pool._processes.values()]
+    os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer
+    resp = child_client.post("/v1/adapters", json={**body, "name": "second"})
+    assert resp.status_code == 202, resp.text  # parsed in-process this once
+    resp = child_client.post("/v1/adapters", json={**body, "name": "third"})
+    assert resp.status_code == 202, resp.text
+    (new_pid,) = [p.pid for p in datasets._pool._processes.values()]
+    assert new_pid != pid  # a fresh worker took over
+
+
 @pytest.mark.parametrize(
     ("body", "detail"),
     [
