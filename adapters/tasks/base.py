@@ -12,7 +12,8 @@ Semantics every task keeps:
   record stored per epoch; `decision_metric` names the one `val_*` key that early stopping's
   winner choice (LoRA vs the baseline) and promotion (new vs live version) compare, through
   `better()` only;
-- predictions are JSON objects; `prediction_value()` is the one field feedback compares.
+- predictions are JSON objects; `prediction_value()` is the one field feedback compares;
+- `fit_baseline()` is the cheaper alternative LoRA is compared with (a linear probe by default).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from loradock.adapters.tasks.probe import LinearHead, fit_probe
 
 if TYPE_CHECKING:
     from loradock.adapters.training.data import Dataset, Example, Problem
@@ -132,6 +135,21 @@ class Task(ABC):
     def class_weight(self, examples: Sequence[Example], setting: Any) -> torch.Tensor | None:
         """Per-output loss weights from the `class_weights` hyperparameter (None: unweighted)."""
         return None
+
+    def fit_baseline(
+        self,
+        x: torch.Tensor,  # [n, hidden] frozen pooled embeddings of the training rows
+        y: torch.Tensor,  # [n] from `targets`
+        *,
+        strata: Sequence[str],
+        class_weight: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> tuple[LinearHead, dict[str, Any]]:
+        """The cheaper alternative LoRA must beat, as a head on the frozen embeddings, and what
+        it is (`kind` and its settings). Default: a linear probe whose L2 strength is chosen by
+        stratified cross-validation on the training rows."""
+        head, l2 = fit_probe(x, y, self, strata=strata, class_weight=class_weight, seed=seed)
+        return head, {"kind": "linear_probe", "l2": l2}
 
     @abstractmethod
     def metrics(self, outputs: torch.Tensor, examples: Sequence[Example]) -> dict[str, Any]:

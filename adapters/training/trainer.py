@@ -30,7 +30,7 @@ from loradock.adapters.core import lora
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.tasks.base import Task
-from loradock.adapters.tasks.probe import LinearHead, fit_linear, fit_probe
+from loradock.adapters.tasks.probe import LinearHead, fit_linear
 from loradock.adapters.training.data import (
     SMALL_DATASET_ROWS,
     Dataset,
@@ -234,16 +234,10 @@ class Trainer:
         t0 = time.perf_counter()
         x_tr = torch.stack([emb[e.text] for e in tr])
         y_tr = task.targets(tr)
-        probe_head, l2 = fit_probe(
-            x_tr, y_tr, task, strata=type(task).strata(tr), class_weight=class_weight,
-            seed=hp.seed,
-        )  # fmt: skip
-        probe_seconds = time.perf_counter() - t0
-        baseline: dict[str, Any] = {
-            "kind": "linear_probe",
-            "l2": l2,
-            "seconds": round(probe_seconds, 3),
-        }
+        probe_head, baseline = task.fit_baseline(
+            x_tr, y_tr, strata=type(task).strata(tr), class_weight=class_weight, seed=hp.seed
+        )
+        baseline["seconds"] = round(time.perf_counter() - t0, 3)
         probe_outputs = None
         if va:
             probe_outputs = probe_head(torch.stack([emb[e.text] for e in va])).float().cpu()
