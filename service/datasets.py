@@ -9,8 +9,8 @@ the first upload); the server only passes the raw bytes in and gets back a small
 encoded dataset to publish. `LORADOCK_DATASET_WORKERS=0` runs the same function in the calling
 thread instead (tests, tiny deployments).
 
-Everything that crosses the process boundary is plain data (bytes, str, dict): errors come back
-as `(status, detail, extra)` and are raised as the service's typed errors in the parent.
+Everything that crosses the process boundary is plain data (bytes, str, dict): a 422 comes back
+as `(detail, extra)` and is raised again as `Unprocessable` in the parent.
 """
 
 from __future__ import annotations
@@ -38,18 +38,9 @@ from loradock.adapters.training.data import (
     remove_leakage,
     validate_rows,
 )
-from loradock.service.errors import (
-    BadRequest,
-    Conflict,
-    LoradockError,
-    PayloadTooLarge,
-    Unprocessable,
-)
+from loradock.service.errors import Unprocessable
 
 log = logging.getLogger(__name__)
-_ERRORS: dict[str, type[LoradockError]] = {
-    cls.__name__: cls for cls in (BadRequest, Conflict, PayloadTooLarge, Unprocessable)
-}
 
 # A multipart form as read on the event loop: field -> str, or (file bytes, file name).
 Form = dict[str, Any]
@@ -77,7 +68,7 @@ class Prepared:
 
 
 def prepare(raw: bytes | Form, schema: str, task: str | None, limits: Limits) -> Prepared:
-    """Parse, validate and encode one training request; raises LoradockError (4xx).
+    """Parse, validate and encode one training request; raises Unprocessable (422).
 
     `schema`: "AdapterCreate" (a new adapter: the body names its task) or "VersionCreate" (a new
     version: `task` is the adapter's)."""
@@ -193,12 +184,13 @@ def _datasets(task: type[tasks.Task], body: Any, limits: Limits) -> tuple[Datase
 
 def _prepare_in_child(
     raw: bytes | Form, schema: str, task: str | None, limits: Limits
-) -> Prepared | tuple[str, str, dict[str, Any]]:
-    """`prepare` with its 4xx errors returned as plain data (exceptions may not pickle)."""
+) -> Prepared | tuple[str, dict[str, Any]]:
+    """`prepare` with its 422 returned as plain data, (detail, extra): exceptions with keyword
+    arguments do not pickle back across the process boundary."""
     try:
         return prepare(raw, schema, task, limits)
-    except LoradockError as e:
-        return (type(e).__name__, e.detail, dict(e.extra))
+    except Unprocessable as e:
+        return (e.detail, dict(e.extra))
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -234,8 +226,8 @@ class DatasetWorker:
             self.close()
             return prepare(raw, schema, task, limits)
         if isinstance(result, tuple):
-            kind, detail, extra = result
-            raise _ERRORS.get(kind, Unprocessable)(detail, extra=extra)
+            detail, extra = result
+            raise Unprocessable(detail, extra=extra)
         return result
 
     def _executor(self) -> ProcessPoolExecutor:

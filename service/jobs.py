@@ -434,17 +434,15 @@ class JobRunner:
             "metrics": outcome.metrics,
             "baseline": {k: v for k, v in outcome.baseline.items() if k != "per_class"},
         }
-        limit = PROFILE_ROWS
+        oof = outcome.reference_outputs
         files = build_files(
             base=self.base,
             task=outcome.task,
             meta=meta,
             head=outcome.head,
             weights=outcome.weights,
-            profile_texts=outcome.reference_texts[:limit],
-            profile_outputs=(
-                outcome.reference_outputs[:limit] if outcome.reference_outputs is not None else None
-            ),
+            profile_texts=outcome.reference_texts[:PROFILE_ROWS],
+            profile_outputs=oof[:PROFILE_ROWS] if oof is not None else None,
         )
         key = artifact_key(tenant_id, adapter_id, version)
         if not self._still_mine(job_id):

@@ -45,7 +45,6 @@ class Task(ABC):
     name: ClassVar[str]
     decision_metric: ClassVar[str]  # a `val_*` key of `summary()`
     higher_is_better: ClassVar[bool]
-    label_doc: ClassVar[str]  # what a row's label is, for error messages and the API docs
 
     # --- rows (before any state exists) --------------------------------------------------------
 

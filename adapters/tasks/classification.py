@@ -24,7 +24,6 @@ class Classification(Task):
     name = "classification"
     decision_metric = "val_macro_f1"
     higher_is_better = True
-    label_doc = "a class name (string, or an integer class id)"
     summary_keys: ClassVar[tuple[str, ...]] = ("loss", "accuracy", "macro_f1")
 
     def __init__(self, labels: Sequence[str]) -> None:

@@ -23,7 +23,6 @@ class Regression(Task):
     name = "regression"
     decision_metric = "val_loss"
     higher_is_better = False
-    label_doc = "a finite number"
     summary_keys: ClassVar[tuple[str, ...]] = ("loss", "mse", "mae", "r2")
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:

@@ -310,8 +310,8 @@ class Trainer:
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None, "metrics": None}
         if va:
-            start_metrics = self._evaluate(weights, head, va, va_ids, out)
-            best.update(loss=start_metrics["loss"], metrics=start_metrics)
+            start_metrics, start_outputs = self._evaluate(weights, head, va, va_ids, out)
+            best.update(loss=start_metrics["loss"], metrics=start_metrics, outputs=start_outputs)
             best["state"] = self._snapshot(weights, head)
         bad_evals = 0
         stop_reason: StopReason = "max_epochs"
@@ -379,7 +379,9 @@ class Trainer:
         weights.requires_grad_(False)
         head.requires_grad_(False)
         if va and not hp.early_stopping and best.get("last_metrics") is not None:
-            best.update(epoch=best["last_epoch"], metrics=best["last_metrics"])
+            best.update(
+                epoch=best["last_epoch"], metrics=best["last_metrics"], outputs=best["last_outputs"]
+            )
         best_epoch = best["epoch"] if va else epoch
         metrics: dict[str, Any] = {
             "best_epoch": best_epoch,
@@ -391,7 +393,9 @@ class Trainer:
         val_outputs = None
         if va and best["metrics"] is not None:
             metrics.update(out.task.summary(best["metrics"]))
-            val_outputs = self._outputs(weights, head, va, va_ids)  # of the weights kept
+            val_outputs = best[
+                "outputs"
+            ]  # of the weights kept, from the evaluation that chose them
             at_best = next(
                 (h for h in history if h["epoch"] == best_epoch and not h.get("partial")), None
             )
@@ -411,7 +415,7 @@ class Trainer:
         self, weights, head, va, va_ids, out, hp, history, best, bad_evals, epoch, step,
         train_loss, cb, tag, *, partial=False, seconds=None,
     ) -> tuple[bool, int]:  # fmt: skip
-        m = self._evaluate(weights, head, va, va_ids, out)
+        m, outputs = self._evaluate(weights, head, va, va_ids, out)
         record: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5)}
         record.update({k: v for k, v in out.task.summary(m).items() if k not in ("per_group",)})
         record.update(tag)
@@ -421,9 +425,12 @@ class Trainer:
             record["seconds"] = round(seconds, 3)
         improved = m["loss"] < best["loss"] - hp.min_delta
         if not partial:
-            best.update(last_epoch=epoch, last_metrics=m)
+            best.update(last_epoch=epoch, last_metrics=m, last_outputs=outputs)
         if improved:
-            best.update(loss=m["loss"], epoch=epoch, metrics=m, state=self._snapshot(weights, head))
+            best.update(
+                loss=m["loss"], epoch=epoch, metrics=m, outputs=outputs,
+                state=self._snapshot(weights, head),
+            )  # fmt: skip
             bad_evals = 0
         else:
             bad_evals += 1
@@ -439,8 +446,10 @@ class Trainer:
         target = y[rows].to(self.device)
         return out.task.loss(outputs, target, class_weight=cw, label_smoothing=self._smoothing)
 
-    def _evaluate(self, weights, head, va, va_ids, out) -> dict[str, Any]:
-        return out.task.metrics(self._outputs(weights, head, va, va_ids), va)
+    def _evaluate(self, weights, head, va, va_ids, out) -> tuple[dict[str, Any], torch.Tensor]:
+        """(the task's metrics, head outputs [n, n_outputs]) on the validation rows."""
+        outputs = self._outputs(weights, head, va, va_ids)
+        return out.task.metrics(outputs, va), outputs
 
     @torch.inference_mode()
     def _outputs(self, weights, head, va, va_ids) -> torch.Tensor:

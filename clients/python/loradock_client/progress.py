@@ -42,7 +42,8 @@ class JobWatch:
         self._replay = 0
 
     def accept(self, event: JobEvent) -> bool:
-        """Pass the event on unless it repeats what was passed already; True if passed on."""
+        """Pass the event on unless it repeats what was passed already. True if it was news:
+        passed on, or a keep-alive (never passed on: it only shows the stream is alive)."""
         data = event.data
         if event.event == KEEP_ALIVE:  # the stream is alive: news enough to keep following
             return True
