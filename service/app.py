@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from loradock.service.api import adapters, health, jobs, monitoring, oip, predict, tenants
 from loradock.service.batcher import MicroBatcher
 from loradock.service.dataplane import DataPlane, LiveVersions
-from loradock.service.errors import install_error_handlers
+from loradock.service.errors import UnhandledErrorMiddleware, install_error_handlers
 from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
-from loradock.service.middleware import BodySizeLimitMiddleware, OverloadShedMiddleware
-from loradock.service.runtime import Runtime
+from loradock.service.middleware import OverloadShedMiddleware, RequestBodyGuard
+from loradock.service.runtime import Phase, Runtime
 from loradock.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ def create_app(
             batcher = MicroBatcher(
                 runtime.engine,
                 max_batch=s.max_batch_rows,
+                max_batch_tokens=s.max_batch_tokens
+                or (32768 if runtime.engine.base.device.type == "cuda" else 1024),
                 max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue_rows,
                 max_queue_wait_ms=s.max_queue_wait_ms,
@@ -99,7 +101,13 @@ def create_app(
     app.include_router(monitoring.router)
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(
+        RequestBodyGuard,
+        max_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+        draining=lambda: runtime.phase is Phase.DRAINING,
+    )
     app.add_middleware(
         OverloadShedMiddleware,
         batcher=lambda: runtime.serving.batcher if runtime.serving is not None else None,

@@ -142,6 +142,7 @@ def preflight(settings: Settings) -> None:
 
 def serve(settings: Settings) -> int:
     from loradock.service.app import create_app
+    from loradock.service.http import guarded_protocol
 
     fatal: list[BaseException] = []
     server: DrainingServer | None = None
@@ -159,6 +160,9 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         lifespan="on",
+        http=guarded_protocol(settings.header_timeout_seconds),
+        timeout_keep_alive=max(1, round(settings.keep_alive_seconds)),
+        limit_concurrency=settings.max_concurrency,
         proxy_headers=False,
         server_header=False,
     )

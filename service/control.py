@@ -223,6 +223,7 @@ class Control:
             max_text_chars=s.max_text_chars,
             max_lora_rank=s.max_lora_rank,
             serve_targets=tuple(self.runtime.serve_targets()),
+            num_layers=self.runtime.base.num_layers if self.runtime.base is not None else 10**6,
         )
 
     def _queue(

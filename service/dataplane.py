@@ -20,6 +20,7 @@ from typing import Any
 
 from loradock.adapters.artifacts.files import ArtifactError
 from loradock.adapters.artifacts.store import ArtifactNotFound, StoreError
+from loradock.adapters.core.text import encoding_problem
 from loradock.adapters.serving.engine import BatchTooLarge, Engine, RowResult
 from loradock.adapters.serving.slots import AdapterRef, CapacityError, IncompatibleAdapter
 from loradock.adapters.tasks.base import Task
@@ -186,13 +187,15 @@ class DataPlane:
         with self.metrics_for(protocol, len(texts)):
             self.rate_limiter.take(tenant_id)
             self.check_inputs(texts)
+            ids = await asyncio.to_thread(self.engine.base.encode, texts)
+            self.check_tokens(ids)
             ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, version)
             resident = await self._acquire(ref)
             try:
                 task: Task = resident.state.task
                 if check is not None:
                     check(task)
-                rows = await self._run(resident, texts)
+                rows = await self._run(resident, ids, tenant_id)
             finally:
                 self.engine.release([resident])
         if observe and self.monitor is not None:
@@ -230,6 +233,19 @@ class DataPlane:
                     f"inputs[{i}] has {len(text)} characters, the limit is {s.max_text_chars} "
                     "(setting LORADOCK_MAX_TEXT_CHARS)"
                 )
+            problem = encoding_problem(text)
+            if problem is not None:
+                raise Unprocessable(f"inputs[{i}]: {problem}")
+
+    def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
+        tokens = sum(len(row) for row in ids)
+        limit = self.settings.max_request_tokens
+        if tokens > limit:
+            raise Unprocessable(
+                f"the inputs come to {tokens} tokens (each text cut at "
+                f"{self.engine.base.max_length}), the limit is {limit} per request (setting "
+                "LORADOCK_MAX_REQUEST_TOKENS); split the request"
+            )
 
     @contextmanager
     def metrics_for(self, protocol: str, rows: int) -> Iterator[None]:
@@ -280,8 +296,8 @@ class DataPlane:
                 "promote another version or retrain it"
             ) from e
 
-    async def _run(self, resident: Any, texts: list[str]) -> list[RowResult]:
+    async def _run(self, resident: Any, ids: list[list[int]], tenant_id: str) -> list[RowResult]:
         try:
-            return await self.batcher.submit(resident, texts)
+            return await self.batcher.submit(resident, ids, tenant_id)
         except BatchTooLarge as e:
             raise AdapterUnavailable(str(e)) from e

@@ -15,7 +15,6 @@ as `(detail, extra)` and is raised again as `Unprocessable` in the parent.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loradock.adapters import tasks
+from loradock.adapters.core.text import JSONError, parse_json
 from loradock.adapters.training.data import (
     Dataset,
     DatasetError,
@@ -54,6 +54,7 @@ class Limits:
     max_text_chars: int
     max_lora_rank: int
     serve_targets: tuple[str, ...]
+    num_layers: int = 1_000_000  # blocks of the base model
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,18 @@ def prepare(raw: bytes | Form, schema: str, task: str | None, limits: Limits) ->
         task_cls = tasks.get(str(task_name))
     except tasks.UnknownTask as e:
         raise Unprocessable(f"task: {e}") from e
+    _check_layers(hp.trainable_layers, limits.num_layers)
     train, val = _datasets(task_cls, body, limits)
+    if isinstance(hp.class_weights, dict):
+        if not train.labels:
+            raise Unprocessable(f"hyperparameters.class_weights: the {task_cls.name} task has "
+                                "no classes to weigh")  # fmt: skip
+        unknown = sorted(set(hp.class_weights) - set(train.labels))
+        if unknown:
+            raise Unprocessable(
+                f"hyperparameters.class_weights: {unknown[0]!r} is not a label of the training "
+                f"data (labels: {train.labels[:20]})"
+            )
     fields = {
         "task": task_cls.name,
         "hyperparameters": hp.model_dump(),
@@ -114,6 +126,21 @@ def prepare(raw: bytes | Form, schema: str, task: str | None, limits: Limits) ->
     )
 
 
+def _check_layers(setting: int | list[int] | None, n: int) -> None:
+    if isinstance(setting, int) and setting > n:
+        raise Unprocessable(
+            f"hyperparameters.trainable_layers: the base model has {n} blocks; {setting} top "
+            "blocks cannot be trained"
+        )
+    if isinstance(setting, list):
+        outside = sorted(i for i in set(setting) if i >= n)
+        if outside:
+            raise Unprocessable(
+                f"hyperparameters.trainable_layers: block {outside[0]} does not exist (the base "
+                f"model has blocks 0..{n - 1})"
+            )
+
+
 def dataset_problem(e: DatasetError) -> Unprocessable:
     return Unprocessable(str(e), extra={"errors": [p.as_dict() for p in e.problems]})
 
@@ -122,11 +149,9 @@ def _parse(raw: bytes | Form) -> Any:
     """A JSON body, or a multipart form with training_file (JSONL/CSV) and form fields."""
     if isinstance(raw, bytes):
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return parse_json(raw)
+        except JSONError as e:
             raise Unprocessable(f"body is not valid JSON: {e}") from e
-        except RecursionError as e:
-            raise Unprocessable("body is not valid JSON: nested too deeply") from e
     form: dict[str, Any] = {}
     for key, value in raw.items():
         if key in ("training_file", "validation_file"):
@@ -138,8 +163,8 @@ def _parse(raw: bytes | Form) -> Any:
                 raise dataset_problem(e) from e
         elif key == "hyperparameters":
             try:
-                form[key] = json.loads(str(value)) if str(value).strip() else {}
-            except json.JSONDecodeError as e:
+                form[key] = parse_json(str(value)) if str(value).strip() else {}
+            except JSONError as e:
                 raise Unprocessable(f"hyperparameters: not a JSON object: {e}") from e
         else:
             form[key] = value

@@ -7,6 +7,7 @@ carries a stack trace or an internal path.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,14 @@ class NotFound(LoradockError):
 
 class Conflict(LoradockError):
     status, slug, title = 409, "conflict", "Conflict"
+
+
+class RequestTimeout(LoradockError):
+    status, slug, title = 408, "request-timeout", "Request timeout"
+
+
+class InsufficientStorage(LoradockError):
+    status, slug, title = 507, "insufficient-storage", "Insufficient storage"
 
 
 class PayloadTooLarge(LoradockError):
@@ -116,6 +126,63 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what it wraps (a SQLAlchemy error's DBAPI error) and its causes."""
+    out: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is seen for seen in out) or len(out) > 20:
+            continue
+        out.append(e)
+        orig = getattr(e, "orig", None)
+        todo += [e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None]
+    return out
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """ "the server's disk is full" when that is what `exc` comes down to, else None: ENOSPC or
+    EDQUOT from the file system, SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
+    for e in _chain(exc):
+        message = str(e).lower()
+        if (
+            (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or getattr(e, "sqlstate", None) == "53100"
+            or "database or disk is full" in message
+            or "no space left on device" in message
+        ):
+            return "the server's disk is full"
+    return None
+
+
+def registry_problem(exc: BaseException) -> str | None:
+    """A description when `exc` says the registry database is missing or unreadable."""
+    for e in _chain(exc):
+        message = str(e).lower()
+        if "no such table" in message or "unable to open database file" in message:
+            return "the registry database is missing or unreadable"
+        if type(e).__name__ == "OperationalError" and "connection" in message:
+            return "the registry database cannot be reached"
+    return None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short operator-facing description, with no paths or credentials in it."""
+    return storage_problem(exc) or registry_problem(exc) or f"unexpected {type(exc).__name__}"
+
+
+def job_failure_message(exc: BaseException) -> str:
+    """What a tenant reads when its job failed on the server's side: what happened and what to
+    do, never "see the log" (a tenant cannot read it)."""
+    cause = storage_problem(exc) or registry_problem(exc)
+    if cause is not None:
+        return f"{cause} (a server-side problem, not your data); submit the job again later"
+    return (
+        f"the server failed while training ({type(exc).__name__}), not because of your data; "
+        "submit the job again, and report its id to the operator if it fails again"
+    )
+
+
 _STATUS_SLUGS = {
     400: ("bad-request", "Bad request"),
     401: ("unauthorized", "Unauthorized"),
@@ -123,6 +190,7 @@ _STATUS_SLUGS = {
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
     406: ("not-acceptable", "Not acceptable"),
+    408: ("request-timeout", "Request timeout"),
     413: ("payload-too-large", "Payload too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
     422: ("validation-error", "Invalid request"),
@@ -176,8 +244,60 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Only what escapes UnhandledErrorMiddleware (the outer middleware) gets here.
+        return unexpected_error_response(request, exc)
+
+
+def unexpected_error_response(request: Request, exc: BaseException) -> JSONResponse:
+    """The answer to an exception no route turned into a LoradockError: 507 when the disk is
+    full, 503 when the registry is away, else a 500 that says nothing of the internals (the
+    traceback goes to the log, once)."""
+    storage = storage_problem(exc)
+    if storage is not None:  # the operator's problem, reported as such: 507 with the cause
+        log.error("%s %s: %s", request.method, request.url.path, storage)
         return error_response(
-            request, 500, "Internal error", "an internal error occurred; it has been logged",
-            slug="internal",
+            request, 507, InsufficientStorage.title,
+            f"{storage}: nothing was changed; retry when space has been freed",
+            slug=InsufficientStorage.slug, headers={"Retry-After": "60"},
         )  # fmt: skip
+    registry = registry_problem(exc)
+    if registry is not None:
+        log.error("%s %s: %s", request.method, request.url.path, registry)
+        return error_response(
+            request, 503, "Service unavailable", f"{registry}; retry later",
+            slug="registry-unavailable", headers={"Retry-After": "5"},
+        )  # fmt: skip
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        request, 500, "Internal error", "an internal error occurred; it has been logged",
+        slug="internal",
+    )  # fmt: skip
+
+
+class UnhandledErrorMiddleware:
+    """Turns an exception that escaped every route into `unexpected_error_response`, inside the
+    app. (Starlette's own catch-all answers too, but then re-raises, so the server also logs a
+    second traceback and drops the client's keep-alive connection.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:  # part of an answer is out: nothing sensible can follow it
+                raise
+            response = unexpected_error_response(Request(scope), exc)
+            await response(scope, receive, send)

@@ -46,6 +46,7 @@ from loradock.adapters.training.trainer import (
 )
 from loradock.service.db.models import Adapter, Job, Version, utcnow
 from loradock.service.db.registry import Database
+from loradock.service.errors import describe_failure, job_failure_message, storage_problem
 from loradock.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,12 @@ class JobRunner:
         self._running: set[str] = set()
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()
+        # Supervision: workers survive any exception; a job whose end could not be written (the
+        # registry's disk full, the database away) is kept here and written when it can be.
+        self._unrecorded: dict[str, str] = {}  # job id -> error to record
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.restarts = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -197,15 +204,61 @@ class JobRunner:
                 log.warning("job lease upkeep failed; retrying", exc_info=True)
 
     def start(self) -> None:
+        self._workers: list[threading.Thread | None] = [None] * self.workers
         for i in range(self.workers):
-            t = threading.Thread(target=self._loop, name=f"loradock-job-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._start_worker(i)
         if self.shared and self.workers > 0:
             t = threading.Thread(target=self._lease_loop, name="loradock-job-lease", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.workers > 0:
+            t = threading.Thread(target=self._supervise, name="loradock-job-supervisor",
+                                 daemon=True)  # fmt: skip
+            t.start()
+            self._threads.append(t)
         self._wake.set()
+
+    def _start_worker(self, i: int) -> None:
+        t = threading.Thread(target=self._loop, name=f"loradock-job-{i}", daemon=True)
+        t.start()
+        self._workers[i] = t
+        self._threads.append(t)
+
+    def _supervise(self, every: float = 1.0) -> None:
+        """Restart a worker thread that died (the loop catches everything, so this is for what
+        nothing can catch), and keep the metrics of the workers' health current."""
+        while not self._stop.wait(every):
+            for i, t in enumerate(self._workers):
+                if t is not None and not t.is_alive() and not self._stop.is_set():
+                    self.restarts += 1
+                    self._note_error(f"job worker {i} died; restarted")
+                    if self.metrics is not None:
+                        self.metrics.job_worker_restarts.inc()
+                    self._start_worker(i)
+            if self.metrics is not None:
+                self.metrics.job_workers_alive.set(self.alive_workers())
+
+    def alive_workers(self) -> int:
+        return sum(1 for t in getattr(self, "_workers", []) if t is not None and t.is_alive())
+
+    def health(self) -> dict[str, Any]:
+        """What /readyz shows of the training workers."""
+        recent = self.last_error_at is not None and time.monotonic() - self.last_error_at < 300
+        with self._lock:
+            unrecorded = len(self._unrecorded)
+        return {
+            "workers": self.workers,
+            "alive": self.alive_workers(),
+            "running": len(self.running),
+            "restarts": self.restarts,
+            "unrecorded_outcomes": unrecorded,
+            "last_error": self.last_error if recent else None,
+        }
+
+    def _note_error(self, message: str) -> None:
+        log.error("%s", message)
+        self.last_error = message
+        self.last_error_at = time.monotonic()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the workers; a running job is interrupted and re-queued for the next start."""
@@ -231,21 +284,41 @@ class JobRunner:
     # --- the loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Claim and train jobs until stopped. Nothing ends this loop but `stop`: an error while
+        claiming (the registry away) backs off and tries again; a job that crashes is failed
+        with a message its tenant can act on; an outcome that cannot be written is kept and
+        written as soon as the registry takes writes again."""
+        backoff = 1.0
         while not self._stop.is_set():
-            job_id = self._claim()
+            try:
+                self._record_pending()
+                job_id = self._claim()
+                backoff = 1.0
+            except Exception as e:
+                self._note_error(f"cannot claim training jobs: {describe_failure(e)}")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
             if job_id is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
             try:
                 self._run(job_id)
-            except Exception:
+            except Exception as e:
                 log.exception("job %s crashed", job_id)
-                self._fail(job_id, "internal error while training; see the log")
+                self._fail(job_id, job_failure_message(e))
             finally:
                 with self._lock:
                     self._running.discard(job_id)
                     self._cancel.discard(job_id)
+
+    def _record_pending(self) -> None:
+        """Write the outcomes that could not be written when their jobs ended."""
+        with self._lock:
+            pending = dict(self._unrecorded)
+        for job_id, error in pending.items():
+            self._fail(job_id, error)
 
     def _claim(self) -> str | None:
         """Take the next queued job: fair across tenants, at most `max_running_per_tenant` each.
@@ -388,11 +461,24 @@ class JobRunner:
         self.metrics.training_seconds.observe(seconds)
 
     def _fail(self, job_id: str, error: str, outcome: TrainOutcome | None = None) -> None:
-        """Mark a running job failed (a job deleted with its adapter has nothing to mark)."""
-        with self.db.session() as s:
-            job = s.get(Job, job_id)
-            if job is not None and job.status == "running":
-                finish_failed(s, job, error, outcome)
+        """Mark a running job failed (a job deleted with its adapter has nothing to mark).
+
+        Never raises: when the registry cannot take the write (disk full, database away), the
+        outcome is kept and written by the worker loop later, so the job never stays `running`
+        for good and the worker lives on."""
+        try:
+            with self.db.session() as s:
+                job = s.get(Job, job_id)
+                if job is not None and job.status == "running":
+                    finish_failed(s, job, error, outcome)
+        except Exception as e:
+            self._note_error(f"job {job_id}: its failure cannot be recorded yet: "
+                             f"{describe_failure(e)}")  # fmt: skip
+            with self._lock:
+                self._unrecorded[job_id] = error
+            return
+        with self._lock:
+            self._unrecorded.pop(job_id, None)
 
     def _owns(self, job: Job) -> bool:
         return job.status == "running" and job.claimed_by == self.worker_id
@@ -461,8 +547,29 @@ class JobRunner:
                 self._fail(job_id, f"artifact {key} already exists from another job", outcome)
                 return
         except StoreError as e:
-            self._fail(job_id, f"could not publish the artifact: {e}", outcome)
+            cause = storage_problem(e)
+            self._fail(job_id, f"{cause}: the trained adapter could not be saved; submit the job "
+                       "again later" if cause else f"could not publish the artifact: {e}",
+                       outcome)  # fmt: skip
             return
+        try:
+            self._record_published(job_id, adapter_id, version, spec, outcome, key)
+        except Exception:
+            # Not recorded (the registry's disk full, the database away): the artifact must not
+            # outlive the failed write as an orphan; the job's failure is recorded by the loop.
+            with contextlib.suppress(Exception):
+                self.store.delete(key)
+            raise
+
+    def _record_published(
+        self,
+        job_id: str,
+        adapter_id: str,
+        version: int,
+        spec: dict[str, Any],
+        outcome: TrainOutcome,
+        key: str,
+    ) -> None:
         with self.db.session() as s:
             job = s.get(Job, job_id)
             ver = s.scalar(

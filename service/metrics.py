@@ -161,6 +161,16 @@ class Metrics:
             ["job", "split"],
             registry=r,
         )
+        self.job_workers_alive = Gauge(
+            "loradock_job_workers_alive",
+            "Training worker threads alive in this process (compare with LORADOCK_JOB_WORKERS).",
+            registry=r,
+        )
+        self.job_worker_restarts = Counter(
+            "loradock_job_worker_restarts",
+            "Training worker threads that died and were restarted by the supervisor.",
+            registry=r,
+        )
         self.jobs_finished = Counter(
             "loradock_training_jobs_finished",
             "Training jobs that ended, by final status.",

@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+from sqlalchemy import text
+
 from loradock.adapters.artifacts.store import ArtifactStore, open_store
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.device import dtype_name
@@ -16,7 +18,7 @@ from loradock.adapters.serving.slots import SlotPool
 from loradock.service.dataplane import DataPlane
 from loradock.service.datasets import DatasetWorker
 from loradock.service.db.registry import Database
-from loradock.service.errors import NotReady
+from loradock.service.errors import NotReady, describe_failure, registry_problem
 from loradock.service.jobs import JobRunner
 from loradock.service.metrics import Metrics, StateCollector
 from loradock.service.monitor import Monitor
@@ -53,6 +55,8 @@ class Runtime:
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None
         self.jobs: JobRunner | None = None
+        self._registry_problem: str | None = None
+        self._registry_checked_at = float("-inf")
         self.engine: Engine | None = None
         self.serving: DataPlane | None = None  # set by the app once the event loop runs
         self.gate = PriorityGate()  # serving work holds it; training steps yield to it
@@ -188,6 +192,25 @@ class Runtime:
                 "fingerprint": base.fingerprint,
             }
         )
+
+    def check_registry(self, ttl: float = 1.0) -> str | None:
+        """None when the registry answers a read of its tables, else what is wrong (cached
+        `ttl` seconds: readiness probes must stay cheap)."""
+        now = time.monotonic()
+        if now - self._registry_checked_at < ttl:
+            return self._registry_problem
+        problem: str | None = None
+        if self.db is None:
+            problem = "the registry is not open"
+        else:
+            try:
+                with self.db.session() as s:
+                    s.execute(text("SELECT 1 FROM tenants LIMIT 1")).all()
+            except Exception as e:
+                problem = registry_problem(e) or describe_failure(e)
+                log.error("registry check failed: %s", problem)
+        self._registry_problem, self._registry_checked_at = problem, now
+        return problem
 
     def stop(self) -> None:
         if self._phase is not Phase.FAILED:

@@ -21,6 +21,30 @@ class Settings(BaseSettings):
         "info", description="Log level of the server and access log."
     )
 
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A request's head (request line and headers) must arrive within this long "
+        "of the connection opening or the previous response (408 and close otherwise).",
+    )
+    body_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="A request's whole body must arrive within this long (408 and close "
+        "otherwise), so slow senders cannot hold connections.",
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this long."
+    )
+    max_concurrency: int = Field(
+        1000,
+        ge=1,
+        description="Open connections plus requests in progress beyond which new requests get "
+        "503 at once (a bound on memory and file descriptors).",
+    )
+
     # --- state ---------------------------------------------------------------------------------
     data_dir: Path = Field(
         Path("./loradock-data"),
@@ -126,6 +150,20 @@ class Settings(BaseSettings):
         "model's attention projections. JSON list in the environment.",
     )
     max_batch_rows: int = Field(32, ge=1, le=4096, description="Rows per forward pass.")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=8,
+        le=1_048_576,
+        description="Padded tokens per forward pass (rows x longest row). It bounds how long one "
+        "pass runs, so how long a small request can wait behind a big one; default 1024 on CPU, "
+        "32768 on CUDA.",
+    )
+    max_request_tokens: int = Field(
+        65_536,
+        ge=1,
+        description="Most tokens (after truncation at max_seq_length) in one predict request "
+        "(422 beyond).",
+    )
     max_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="How long a batch waits for more rows to join."
     )

@@ -255,6 +255,25 @@ class BaseModel:
 
     # --- compute -------------------------------------------------------------------------------
 
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text (special tokens added, truncated at max_length, not padded): what
+        serving counts for admission and pads into batches with `pad`."""
+        enc = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, return_attention_mask=False
+        )
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Right-padded host tensors (input_ids, attention_mask) for already encoded texts."""
+        longest = max(len(row) for row in ids)
+        pad_id = int(self.tokenizer.pad_token_id or 0)
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize with per-batch padding (to the longest text, capped at max_length), on the
         model's device."""

@@ -95,26 +95,35 @@ class Engine:
         self.pool.release([r.slot for r in residents])
 
     def run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
-        """Row i of `texts` through adapter residents[i]; all rows in one base forward pass.
+        """Row i of `texts` through adapter residents[i]; all rows in one base forward pass."""
+        if not texts:
+            return []
+        return self.run_encoded(residents, self.base.encode(texts))
+
+    def run_encoded(
+        self, residents: Sequence[Resident], ids: Sequence[Sequence[int]]
+    ) -> list[RowResult]:
+        """Like `run`, for texts already encoded by `base.encode` (the batcher's path: requests
+        are tokenized once, before admission, so they are counted in tokens).
 
         A batch that does not fit in GPU memory is split in halves and retried; a single row that
         does not fit raises BatchTooLarge (the API answers 503 with the reason).
         """
-        if not texts:
+        if not ids:
             return []
         try:
-            return self._run(residents, texts)
+            return self._run(residents, ids)
         except torch.cuda.OutOfMemoryError as e:
             if self.base.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(texts) == 1:
+            if len(ids) == 1:
                 raise BatchTooLarge(
-                    f"one text of {len(texts[0])} characters does not fit in device memory"
+                    f"one text of {len(ids[0])} tokens does not fit in device memory"
                 ) from e
-            half = len(texts) // 2
+            half = len(ids) // 2
             self.oom_splits += 1
-            return self.run(residents[:half], texts[:half]) + self.run(
-                residents[half:], texts[half:]
+            return self.run_encoded(residents[:half], ids[:half]) + self.run_encoded(
+                residents[half:], ids[half:]
             )
 
     def warm_up(self) -> None:
@@ -124,10 +133,9 @@ class Engine:
             self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
 
     @torch.inference_mode()
-    def _run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
+    def _run(self, residents: Sequence[Resident], ids: Sequence[Sequence[int]]) -> list[RowResult]:
         with self.gate.serving():
-            host = self.base.tokenize_host(texts)
-            lengths = host["attention_mask"].sum(dim=1).tolist()  # known before any device work
+            host = self.base.pad(ids)
             batch = self.base.to_device(host)
             ctx = BatchedLoRA(self.pool, [r.slot for r in residents])
             with lora.active(ctx):
@@ -140,10 +148,11 @@ class Engine:
         return [
             RowResult(
                 output=self._decode(residents[i], both[i, hidden_size:]),
-                pooled=both[i, :hidden_size],
-                tokens=int(lengths[i]),
+                # A copy: a view would keep the whole batch's tensor alive in the drift window.
+                pooled=both[i, :hidden_size].clone(),
+                tokens=len(ids[i]),
             )
-            for i in range(len(texts))
+            for i in range(len(ids))
         ]
 
     @staticmethod

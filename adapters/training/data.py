@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loradock.adapters.core.text import JSONError, encoding_problem, parse_json
+
 if TYPE_CHECKING:
     from loradock.adapters.tasks.base import Task
+
+# Longer fields are refused row by row (max_text_chars), not by the csv module's 128 KiB default
+# limit, which raises for the whole file.
+csv.field_size_limit(64 * 1024 * 1024)
 
 SMALL_DATASET_ROWS = 50  # below this, k-fold cross-validation picks the epoch count
 
@@ -83,9 +88,9 @@ def parse_jsonl(raw: bytes, dataset: str = "training_data") -> list[dict[str, An
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(i, None, f"not valid JSON: {e.msg}", dataset))
+            obj = parse_json(line)
+        except JSONError as e:
+            problems.append(Problem(i, None, f"not valid JSON: {e}", dataset))
             continue
         if not isinstance(obj, dict):
             problems.append(Problem(i, None, "each line must be a JSON object", dataset))
@@ -111,8 +116,14 @@ def parse_csv(raw: bytes, dataset: str = "training_data") -> list[dict[str, Any]
         )
     reader.fieldnames = header
     rows = []
-    for row in reader:
-        rows.append({k: v for k, v in row.items() if k in ("text", "label", "group")})
+    try:
+        for row in reader:
+            rows.append({k: v for k, v in row.items() if k in ("text", "label", "group")})
+    except csv.Error as e:  # an unbalanced quote, a field over the size limit
+        line = reader.line_num
+        raise DatasetError(
+            [Problem(line, None, f"not valid CSV: {e} (check the quoting)", dataset)]
+        ) from None
     return rows
 
 
@@ -225,6 +236,8 @@ def _check_row(
                 i, "text", f"{len(text)} characters exceed the limit of {max_text_chars}", dataset
             )
         )
+    elif (problem := encoding_problem(text)) is not None:
+        problems.append(Problem(i, "text", problem, dataset))
     label = row.get("label")
     value: str | float | None = None
     if label is None or (isinstance(label, str) and not label.strip()):
@@ -234,9 +247,13 @@ def _check_row(
             value = task.parse_label(label)
         except ValueError as e:
             problems.append(Problem(i, "label", str(e), dataset))
+    if isinstance(label, str) and (problem := encoding_problem(label)) is not None:
+        problems.append(Problem(i, "label", problem, dataset))
     group = row.get("group")
     if group is not None and not isinstance(group, (str, int)):
         problems.append(Problem(i, "group", "must be a string", dataset))
+    elif isinstance(group, str) and (problem := encoding_problem(group)) is not None:
+        problems.append(Problem(i, "group", problem, dataset))
     if len(problems) > before:
         return None
     assert isinstance(text, str)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, field_validator
+
+MAX_CLASS_WEIGHT = 1e6
 
 
 class Hyperparameters(Schema):
     """Training knobs; every one optional with a default that works on small text datasets."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite
 
     rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha; scale = alpha / rank.")
@@ -29,11 +31,13 @@ class Hyperparameters(Schema):
     patience: int = Field(
         3, ge=1, le=100, description="Evaluations without improvement before stopping."
     )
-    min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
+    min_delta: float = Field(
+        0.0, ge=0, le=1e3, description="Smallest validation-loss drop that counts."
+    )
     early_stopping: bool = Field(True, description="Stop on validation loss; off = run all epochs.")
     weight_decay: float = Field(0.01, ge=0, le=1)
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -45,10 +49,15 @@ class Hyperparameters(Schema):
         "null = all. Lower frozen blocks are computed once per text and cached.",
     )
     class_weights: Literal["balanced"] | dict[str, float] | None = Field(
-        None, description="'balanced' (inverse class frequency) or a weight per label."
+        None,
+        description="'balanced' (inverse class frequency) or a weight per label (finite, "
+        "positive; labels not named weigh 1).",
     )
     eval_every_steps: int | None = Field(
-        None, ge=1, description="Also validate every N steps (early stopping counts those too)."
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Also validate every N steps (early stopping counts those too).",
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (classification)."
@@ -56,6 +65,7 @@ class Hyperparameters(Schema):
     init_head_l2: float = Field(
         0.05,
         gt=0,
+        le=1e6,
         description="L2 strength of the linear probe the LoRA head starts from. The baseline "
         "probe's own L2 is chosen by cross-validation and fits the training rows closely; "
         "starting from a more regularized head leaves LoRA something to learn "
@@ -69,4 +79,38 @@ class Hyperparameters(Schema):
     def _names(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and any(not s or "." in s or len(s) > 64 for s in v):
             raise ValueError("target_modules are layer name suffixes like 'query' or 'q_proj'")
+        return v
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layers(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("a number of top blocks must be at least 1")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list trains no block; give indices, a count or null")
+            if any(i < 0 for i in v):
+                raise ValueError("block indices start at 0")
+            if len(v) > 1024:
+                raise ValueError("at most 1024 block indices")
+        return v
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            if len(v) > 10_000:
+                raise ValueError("at most 10000 labels")
+            bad = {
+                k: w
+                for k, w in v.items()
+                if isinstance(w, bool)
+                or not isinstance(w, (int, float))
+                or not 0 < w <= MAX_CLASS_WEIGHT  # NaN fails this too
+            }
+            if bad:
+                raise ValueError(
+                    f"weights must be finite, positive and at most {MAX_CLASS_WEIGHT:g}; "
+                    f"got {dict(list(bad.items())[:3])}"
+                )
         return v

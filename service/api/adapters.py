@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,12 +18,14 @@ from loradock.adapters import tasks
 from loradock.adapters.artifacts.store import MANIFEST, StoreError
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.schemas import (
+    MAX_VERSION,
     NAME_PATTERN,
     AdapterAndJob,
     AdapterList,
     AdapterOut,
     JobOut,
     VersionOut,
+    reserved_name_problem,
 )
 from loradock.service.control import Control, Queued
 from loradock.service.datasets import Form
@@ -30,6 +33,8 @@ from loradock.service.db.models import Adapter, Job, Version
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict, NotFound, Unprocessable
 from loradock.service.lookup import find_adapter, find_version
+
+VersionPath = Annotated[int, FastAPIPath(ge=1, le=MAX_VERSION)]
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
 TrainDep = Depends(require("train"))
@@ -116,6 +121,8 @@ async def _read_body(request: Request) -> Form | bytes:
     form = await request.form(max_files=2, max_fields=20)
     fields: dict[str, Any] = {}
     for key, value in form.multi_items():
+        if key in fields:
+            raise Unprocessable(f"the form field {key!r} is given more than once")
         if isinstance(value, UploadFile):
             if key not in ("training_file", "validation_file"):
                 raise Unprocessable(f"unexpected file field {key!r}")
@@ -193,6 +200,9 @@ def _import_name(given: str | None, filename: str | None) -> str:
             f"name: {name!r} is not a valid adapter name (letters, digits, '_', '.', '-'; "
             "pass the form field name)"
         )
+    problem = reserved_name_problem(name)
+    if problem is not None:
+        raise Unprocessable(f"name: {problem}; pass another in the form field name")
     return name
 
 
@@ -273,7 +283,7 @@ async def create_version(
 
 @router.get("/adapters/{adapter}/versions/{version}", response_model=VersionOut)
 def get_version(
-    adapter: str, version: int, db: DatabaseDep, principal: Principal = ReadDep
+    adapter: str, version: VersionPath, db: DatabaseDep, principal: Principal = ReadDep
 ) -> VersionOut:
     with db.session() as s:
         row = find_adapter(s, principal.tenant_id, adapter)
@@ -283,7 +293,7 @@ def get_version(
 @router.post("/adapters/{adapter}/versions/{version}/promote", response_model=AdapterOut)
 def promote_version(
     adapter: str,
-    version: int,
+    version: VersionPath,
     runtime: ReadyRuntimeDep,
     db: DatabaseDep,
     principal: Principal = TrainDep,
@@ -303,7 +313,9 @@ def download_version(
     adapter: str,
     runtime: ReadyRuntimeDep,
     db: DatabaseDep,
-    version: int | None = Query(None, ge=1, description="Default: the live version."),
+    version: int | None = Query(
+        None, ge=1, le=MAX_VERSION, description="Default: the live version."
+    ),
     principal: Principal = ReadDep,
 ) -> Response:
     """A zip of the version's files: PEFT adapter, head, profile, loradock.json and manifest."""

@@ -67,6 +67,7 @@ def authenticate(request: Request, db: DatabaseDep) -> Principal:
         key = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
         if key is None or key.revoked_at is not None:
             raise Unauthorized("invalid or revoked API key")
+        request.state.tenant_id = key.tenant_id  # read by OverloadShedMiddleware
         return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))
 
 

@@ -28,6 +28,14 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     if runtime.error:
         body["error"] = runtime.error
     status = 200 if runtime.phase is Phase.READY else 503
+    if runtime.phase is Phase.READY:
+        problem = runtime.check_registry()
+        body["registry"] = problem or "ok"
+        if problem is not None:  # every request would fail: take this replica out
+            body["status"] = "registry-unavailable"
+            status = 503
+        if runtime.jobs is not None:
+            body["jobs"] = runtime.jobs.health()
     waiting_helps = runtime.phase in (Phase.STARTING, Phase.DRAINING)
     headers = {"Retry-After": "5"} if status != 200 and waiting_helps else {}
     return JSONResponse(body, status_code=status, headers=headers)

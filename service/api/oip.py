@@ -7,15 +7,17 @@ handlers pick that format for every path under /v2).
 from __future__ import annotations
 
 import asyncio
-import json
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loradock.adapters.core.text import JSONError, parse_json
 from loradock.service.api.deps import Principal, ReadyRuntimeDep, RuntimeDep, require
+from loradock.service.api.schemas import MAX_VERSION
 from loradock.service.errors import BadRequest, LoradockError, Unprocessable
 from loradock.service.runtime import Phase
 
@@ -145,8 +147,8 @@ async def _infer(
 async def _parse(request: Request) -> InferRequest:
     """The JSON body whatever its Content-Type (tritonclient does not always send one)."""
     try:
-        return InferRequest.model_validate(json.loads(await request.body()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return InferRequest.model_validate(parse_json(await request.body()))
+    except JSONError as e:
         raise BadRequest(f"body is not valid JSON: {e}") from e
     except ValidationError as e:
         err = e.errors()[0]
@@ -172,7 +174,7 @@ async def infer(
 @router.post("/models/{model}/versions/{version}/infer", openapi_extra=_INFER_DOC)
 async def infer_version(
     model: str,
-    version: int,
+    version: Annotated[int, FastAPIPath(ge=1, le=MAX_VERSION)],
     request: Request,
     runtime: ReadyRuntimeDep,
     principal: Principal = ReadDep,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from loradock.service.api.deps import Principal, ReadyRuntimeDep, require
+from loradock.service.api.schemas import MAX_VERSION
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 ReadDep = Depends(require("predict"))
@@ -17,7 +18,9 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[str] = Field(min_length=1, description="Texts to predict, in order.")
-    version: int | None = Field(None, ge=1, description="A ready version; default the live one.")
+    version: int | None = Field(
+        None, ge=1, le=MAX_VERSION, description="A ready version; default the live one."
+    )
 
 
 class PredictResponse(BaseModel):

@@ -12,6 +12,15 @@ from loradock.adapters.training.hyperparameters import Hyperparameters
 
 Scope = Literal["admin", "train", "predict"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MAX_VERSION = 2**31 - 1  # versions count up from 1; bounded so every database stores them
+RESERVED_PREFIX = "ad_"  # adapter ids; a name may not look like one
+
+
+def reserved_name_problem(name: str) -> str | None:
+    """Routes take an adapter's id or its name: a name like an id would be ambiguous."""
+    if name.startswith(RESERVED_PREFIX):
+        return f"names starting with {RESERVED_PREFIX!r} are reserved for adapter ids"
+    return None
 
 
 class Strict(BaseModel):
@@ -71,12 +80,23 @@ class VersionCreate(Strict):
 
 
 class AdapterCreate(VersionCreate):
-    name: str = Field(pattern=NAME_PATTERN, description="Unique per tenant.")
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        description=f"Unique per tenant; may not start with {RESERVED_PREFIX!r} (adapter ids do).",
+    )
     task: str = Field(
         tasks.names()[0],
         json_schema_extra={"enum": tasks.names()},
         description="A task this server knows (one plugin each).",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_id(cls, v: str) -> str:
+        problem = reserved_name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("task")
     @classmethod

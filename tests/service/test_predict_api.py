@@ -167,8 +167,8 @@ def test_requests_that_would_wait_too_long_are_shed(app_client):
     trained(app_client)
     batcher = app_client.app.state.runtime.serving.batcher
     assert predict(app_client, "tickets", TEXTS).status_code == 200
-    assert batcher.rows_per_second is not None
-    assert batcher.rows_per_second > 0
+    assert batcher.tokens_per_second is not None
+    assert batcher.tokens_per_second > 0
     batcher.max_wait = 0.3  # rows pile up while the first batch waits for company
     batcher.max_queue_wait = 1e-6  # any wait behind another request is too long
     statuses, bodies = [], []
