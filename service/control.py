@@ -32,6 +32,7 @@ from loradock.service.errors import Conflict, PayloadTooLarge, TooManyRequests, 
 from loradock.service.jobs import DATASET_FILE, dataset_key
 from loradock.service.lookup import find_adapter, find_version
 from loradock.service.runtime import Runtime
+from loradock.service.storage import check_quota
 
 ACTIVE_JOB = ("queued", "running")
 
@@ -170,6 +171,8 @@ class Control:
         origin = {k: imported.meta.get(k) for k in ("adapter_id", "version")}
         meta = {**imported.meta, "adapter_id": adapter_id, "version": 1, "imported_from": origin}
         files = {**imported.files, META: json.dumps(meta, indent=2, sort_keys=True).encode()}
+        check_quota(self.store, tenant_id, sum(len(d) for d in files.values()),
+                    self.runtime.settings.max_storage_bytes_per_tenant)  # fmt: skip
         self.store.publish(key, files, {"adapter_id": adapter_id})
         try:
             with self.db.session() as s:
@@ -259,6 +262,8 @@ class Control:
             },
             created_at=utcnow(),
         )
+        check_quota(self.store, tenant_id, len(prep.dataset),
+                    self.runtime.settings.max_storage_bytes_per_tenant)  # fmt: skip
         self.store.publish(
             dataset_key(tenant_id, adapter.id, job.id),
             {DATASET_FILE: prep.dataset},

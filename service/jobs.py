@@ -114,8 +114,10 @@ class JobRunner:
         gate: PriorityGate | None = None,
         metrics: Metrics | None = None,
         lease_seconds: float = 30.0,
+        max_seconds: float = 0.0,
     ) -> None:
         self.metrics = metrics
+        self.max_seconds = max_seconds  # a job's wall-clock budget (0 = none)
         self.db = db
         self.store = store
         self.base = base
@@ -312,6 +314,7 @@ class JobRunner:
                 with self._lock:
                     self._running.discard(job_id)
                     self._cancel.discard(job_id)
+                self._drop_dataset(job_id)
 
     def _record_pending(self) -> None:
         """Write the outcomes that could not be written when their jobs ended."""
@@ -319,6 +322,10 @@ class JobRunner:
             pending = dict(self._unrecorded)
         for job_id, error in pending.items():
             self._fail(job_id, error)
+            self._drop_dataset(job_id)
+
+    def _drop_dataset(self, job_id: str) -> None:
+        drop_dataset(self.db, self.store, job_id)
 
     def _claim(self) -> str | None:
         """Take the next queued job: fair across tenants, at most `max_running_per_tenant` each.
@@ -422,15 +429,28 @@ class JobRunner:
 
         progress = _ProgressWriter(self.db, job_id, self.metrics)
         started = time.perf_counter()
-        callbacks = TrainCallbacks(
-            on_event=progress.on_event, should_cancel=lambda: self._cancelled(job_id, progress)
-        )
+        over_budget = False
+
+        def should_stop() -> bool:
+            nonlocal over_budget
+            if self.max_seconds and time.perf_counter() - started > self.max_seconds:
+                over_budget = True
+            return over_budget or self._cancelled(job_id, progress)
+
+        callbacks = TrainCallbacks(on_event=progress.on_event, should_cancel=should_stop)
         try:
             outcome = Trainer(self.base, self.gate).run(
                 train, hp, validation=validation, validation_split=split, callbacks=callbacks
             )
         finally:
             progress.close()
+        if outcome.status == "cancelled" and over_budget and not self._stop.is_set():
+            outcome.status, outcome.stop_reason = "failed", "budget"
+            outcome.error = (
+                f"stopped after the compute budget of {self.max_seconds:g} s per job (setting "
+                "LORADOCK_JOB_MAX_SECONDS); train on fewer rows or epochs, or ask the operator "
+                "for a larger budget"
+            )
         self._record(outcome, time.perf_counter() - started)
 
         if outcome.status == "cancelled" and self._stop.is_set():
@@ -636,6 +656,22 @@ class JobRunner:
             adapter.live_version = ver.version
             adapter.labels = outcome.labels
         adapter.status = "ready" if adapter.live_version is not None else adapter.status
+
+
+def drop_dataset(db: Database, store: ArtifactStore, job_id: str) -> None:
+    """A job's uploaded dataset is kept while the job may still run (a retry after a crash reads
+    it again) and deleted once the job has ended, whatever the outcome. Never raises: what is
+    left behind is deleted by the start-up sweep."""
+    try:
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status not in TERMINAL:
+                return
+            key = dataset_key(job.tenant_id, job.adapter_id, job.id)
+        store.delete(key)
+    except Exception as e:
+        log.warning("job %s: its dataset could not be deleted yet (%s); the start-up sweep will",
+                    job_id, describe_failure(e))  # fmt: skip
 
 
 def finish_failed(s: Any, job: Job, error: str, outcome: TrainOutcome | None) -> None:

@@ -24,8 +24,13 @@ from loradock.service.metrics import Metrics, StateCollector
 from loradock.service.monitor import Monitor
 from loradock.service.ratelimit import TenantRateLimiter
 from loradock.service.settings import Settings
+from loradock.service.storage import registry_looks_lost, sweep_orphans
 
 log = logging.getLogger(__name__)
+
+
+class RegistryLost(RuntimeError):
+    """An empty registry next to data of an earlier one: refused unless told otherwise."""
 
 
 class Phase(enum.StrEnum):
@@ -127,8 +132,19 @@ class Runtime:
             revision = self.db.upgrade()
             log.info("registry %s at schema revision %s", self.db.dialect, revision)
             admin = s.admin_key.get_secret_value() if s.admin_key is not None else None
-            self.db.bootstrap(s.bootstrap_key_path, admin)
             self.store = open_store(s.store_url)
+            lost = registry_looks_lost(self.db, self.store, s.bootstrap_key_path)
+            if lost is not None:
+                if not s.allow_rebootstrap:
+                    raise RegistryLost(lost)
+                log.warning("%s; starting a new registry (LORADOCK_ALLOW_REBOOTSTRAP)", lost)
+            self.db.bootstrap(s.bootstrap_key_path, admin)
+            # On a shared registry another replica may be between a publish and its commit.
+            min_age = 600.0 if self.db.dialect == "postgresql" else 0.0
+            try:
+                sweep_orphans(self.db, self.store, min_age)
+            except Exception as e:  # a sweep that fails must not keep the server down
+                log.warning("start-up sweep of the store failed: %s", describe_failure(e))
 
             t0 = time.perf_counter()
             base = BaseModel.load(
@@ -160,6 +176,7 @@ class Runtime:
                 workers=s.job_workers,
                 max_attempts=s.job_max_attempts,
                 max_running_per_tenant=s.max_running_jobs_per_tenant,
+                max_seconds=s.job_max_seconds,
                 gate=self.gate,
                 metrics=self.metrics,
             )

@@ -130,6 +130,25 @@ class Settings(BaseSettings):
         "upload never competes with predictions for the server's GIL (0 = in the server's "
         "thread pool). Started on the first upload.",
     )
+    job_max_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="Wall-clock budget of one training job (embedding included); beyond it the "
+        "job stops and fails with stop reason `budget`, so one tenant cannot hold a worker for "
+        "hours (0 = no budget).",
+    )
+    max_storage_bytes_per_tenant: int = Field(
+        0,
+        ge=0,
+        description="Bytes of artifacts and pending datasets one tenant may keep in the store; "
+        "new training or imports beyond it answer 413 (0 = no quota).",
+    )
+    allow_rebootstrap: bool = Field(
+        False,
+        description="Let start-up create a new admin tenant on an empty registry even though "
+        "the artifact store or the bootstrap key file holds data of an earlier registry "
+        "(normally refused: a lost registry must be restored, not replaced).",
+    )
     job_max_attempts: int = Field(
         3, ge=1, le=100, description="Starts of one job before a crash-looping job is failed."
     )
@@ -188,6 +207,13 @@ class Settings(BaseSettings):
         le=300,
         description="A job event stream sends a keep-alive comment after this long without "
         "news, so proxies with idle timeouts (often 60 s) keep it open.",
+    )
+    events_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        le=86400,
+        description="A job event stream ends after this long; clients reconnect with "
+        "Last-Event-ID and resume (bounds how long any one connection is held).",
     )
     live_poll_seconds: float = Field(
         1.0, ge=0, le=3600, description="How stale a cached live version may be (other replicas)."

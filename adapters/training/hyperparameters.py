@@ -31,9 +31,7 @@ class Hyperparameters(Schema):
     patience: int = Field(
         3, ge=1, le=100, description="Evaluations without improvement before stopping."
     )
-    min_delta: float = Field(
-        0.0, ge=0, le=1e3, description="Smallest validation-loss drop that counts."
-    )
+    min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
     early_stopping: bool = Field(True, description="Stop on validation loss; off = run all epochs.")
     weight_decay: float = Field(0.01, ge=0, le=1)
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")

@@ -44,7 +44,7 @@ from loradock.adapters.training.served import served_metrics
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["early_stopping", "max_epochs", "cancelled", "diverged"]
+StopReason = Literal["early_stopping", "max_epochs", "cancelled", "diverged", "budget"]
 
 
 @dataclass

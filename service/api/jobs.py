@@ -14,10 +14,10 @@ from sqlalchemy import select
 from loradock.service.api.adapters import job_out
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.schemas import JobList, JobOut
-from loradock.service.db.models import Job
+from loradock.service.db.models import ApiKey, Job
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict
-from loradock.service.jobs import TERMINAL, finish_cancelled
+from loradock.service.jobs import TERMINAL, drop_dataset, finish_cancelled
 from loradock.service.lookup import find_adapter, find_job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -62,6 +62,8 @@ def cancel_job(
         out = job_out(job)
     if runtime.jobs is not None:
         runtime.jobs.cancel(job_id)
+    if out.status == "cancelled" and runtime.store is not None:
+        drop_dataset(db, runtime.store, job_id)
     return out
 
 
@@ -71,10 +73,16 @@ def _snapshot(db: Database, job_id: str) -> JobOut | None:
         return job_out(job) if job is not None else None
 
 
-def _own_job(job_id: str, db: DatabaseDep, principal: Principal = ReadDep) -> str:
-    """404 before the stream starts when the job is not the caller's."""
+def _own_job(job_id: str, db: DatabaseDep, principal: Principal = ReadDep) -> tuple[str, str]:
+    """404 before the stream starts when the job is not the caller's; (job id, key id)."""
     with db.session() as s:
-        return find_job(s, principal.tenant_id, job_id).id
+        return find_job(s, principal.tenant_id, job_id).id, principal.key_id
+
+
+def _key_revoked(db: Database, key_id: str) -> bool:
+    with db.session() as s:
+        key = s.get(ApiKey, key_id)
+        return key is None or key.revoked_at is not None
 
 
 def _resume_point(last_event_id: str | None) -> tuple[int, int]:
@@ -95,7 +103,7 @@ async def job_events(
     request: Request,
     runtime: ReadyRuntimeDep,
     db: DatabaseDep,
-    job_id: str = Depends(_own_job),
+    owned: tuple[str, str] = Depends(_own_job),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events until the job ends: `status`, `progress`, `epoch` (one per stored
@@ -103,13 +111,27 @@ async def job_events(
     with the whole job. Epochs carry `id: <attempt>-<index>`: reconnecting with `Last-Event-ID`
     resumes after that epoch (a new attempt of a re-queued job starts its epochs over). A
     `: keep-alive` comment goes out whenever nothing else was sent for a while, so proxies with
-    idle timeouts keep the stream open while the job waits or trains."""
+    idle timeouts keep the stream open while the job waits or trains.
+
+    The caller's key is checked again at every poll: revoking it ends the stream with an `error`
+    event. A stream lasts at most LORADOCK_EVENTS_MAX_SECONDS; it then ends with a comment, and
+    the client reconnects with `Last-Event-ID` (as after any disconnect)."""
+    job_id, key_id = owned
     resume_attempt, sent = _resume_point(last_event_id)
+    deadline = time.monotonic() + runtime.settings.events_max_seconds
     keepalive = runtime.settings.events_keepalive_seconds
     last_status = None
     last_progress: dict[str, Any] | None = None
     last_sent = time.monotonic()
     while True:
+        if await asyncio.to_thread(_key_revoked, db, key_id):
+            yield ServerSentEvent(
+                event="error", data={"status": 401, "detail": "the API key was revoked"}
+            )
+            return
+        if time.monotonic() >= deadline:
+            yield ServerSentEvent(comment="stream lifetime reached; reconnect with Last-Event-ID")
+            return
         job = await asyncio.to_thread(_snapshot, db, job_id)
         if job is None:
             yield ServerSentEvent(event="end", data={"id": job_id, "status": "deleted"})

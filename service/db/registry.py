@@ -9,6 +9,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,9 @@ class Database:
 
 
 def write_secret(path: Path, value: str) -> None:
-    """Write `value` to `path` atomically with mode 0600, never readable by others."""
+    """Write `value` to `path` atomically with mode 0600, never readable by others, and never
+    over an existing file: one already there (an earlier registry's key, kept only with
+    LORADOCK_ALLOW_REBOOTSTRAP) is first renamed `<name>.<UTC time>.old`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -189,4 +192,12 @@ def write_secret(path: Path, value: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    if path.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        kept = path.with_name(f"{path.name}.{stamp}.old")
+        os.rename(path, kept)
+        log.warning("bootstrap: the earlier key file was kept as %s", kept.name)
+    try:
+        os.link(tmp, path)  # fails if a file appeared meanwhile: never overwrites
+    finally:
+        os.unlink(tmp)

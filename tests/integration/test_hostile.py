@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.datasets import keyword_rows
@@ -350,3 +351,45 @@ def test_draining_closes_keep_alive_connections_cleanly(tmp_path, tiny_bert_dir)
     assert results["keep_alive_resets"] == 0, results
     assert results["closing"] > 0, results  # answers during the drain asked to reconnect
     assert results["ok"] > 8, results
+
+
+# --- event streams ---
+
+
+def read_stream(server, key, job_id, timeout=30):
+    """Lines of a job's event stream until the server ends it, and the seconds it lasted."""
+    started = time.monotonic()
+    lines = []
+    with (
+        httpx.Client(base_url=server.url, timeout=timeout) as c,
+        c.stream(
+            "GET", f"/v1/jobs/{job_id}/events", headers={"Authorization": f"Bearer {key}"}
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            lines.append(line)
+    return lines, time.monotonic() - started
+
+
+def test_event_streams_end_on_revocation_and_at_their_lifetime(tmp_path, tiny_bert_dir):
+    server = ServerProcess(tmp_path / "data", base_model=tiny_bert_dir, job_workers=0,
+                           events_max_seconds=4, events_keepalive_seconds=1)  # fmt: skip
+    with server, server.client() as admin:
+        tenant = admin.post("/v1/tenants", json={"name": "acme"}).json()["id"]
+        key = admin.post(f"/v1/tenants/{tenant}/keys", json={"scopes": ["train"]}).json()
+        with server.client(key["key"]) as c:  # a job that stays queued: no workers
+            body = {"name": "t", "training_data": keyword_rows(20)}
+            job_id = c.post("/v1/adapters", json=body).json()["job"]["id"]
+        # lifetime: the stream ends by itself, with a comment saying how to go on
+        lines, seconds = read_stream(server, key["key"], job_id)
+        assert 3.5 < seconds < 15
+        assert any("reconnect with Last-Event-ID" in line for line in lines)
+        # revocation: the open stream ends at the next poll with an error event
+        timer = threading.Timer(1.0, lambda: admin.delete(f"/v1/keys/{key['id']}"))
+        timer.start()
+        lines, seconds = read_stream(server, key["key"], job_id)
+        timer.join()
+        assert seconds < 3.5  # before its lifetime
+        assert "event: error" in lines
+        assert any("the API key was revoked" in line for line in lines)
