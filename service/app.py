@@ -10,6 +10,7 @@ from importlib.metadata import version
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
 from loradock.service.api import adapters, health, jobs, monitoring, oip, predict, tenants
 from loradock.service.batcher import MicroBatcher
@@ -70,11 +71,24 @@ def create_app(
                 rate_limiter=runtime.rate_limiter,
             )
 
+        metrics_server = None
+        if settings.metrics_port is not None:
+            # Its own listener (a thread-per-request WSGI server from prometheus_client), so a
+            # NetworkPolicy can keep metrics internal while the API port is public.
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, settings.metrics_host, registry=runtime.metrics.registry
+            )
+            app.state.metrics_port = metrics_server.server_port
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
+                     metrics_server.server_port)  # fmt: skip
         starting = asyncio.create_task(start(), name="loradock-start")
         app.state.start_task = starting
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             runtime.begin_drain()
             if not starting.done():
                 # The loader thread cannot be interrupted; wait so we never close a DB in use.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -34,6 +36,8 @@ FAILURE_REASONS = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     409: "conflict", 413: "too_large", 422: "invalid", 429: "overloaded", 503: "unavailable",
 }  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -310,21 +314,27 @@ class HTTPMetricsMiddleware:
 
 class StateCollector:
     """Metrics read at scrape time from live state (nothing on the request path):
-    adapters resident per tier, adapter cache counters, and jobs per state in the registry."""
+    adapters resident per tier and adapter cache counters (in memory, always current), and the
+    registry's aggregates (jobs per state, every adapter's quality), which are read at most once
+    per `cache_seconds` whatever the scrape rate, so scrapes cost the registry a bounded load."""
 
-    def __init__(self, pool: Any, db: Any, max_adapters: int = 1000) -> None:
+    def __init__(
+        self, pool: Any, db: Any, max_adapters: int = 1000, cache_seconds: float = 15.0
+    ) -> None:
         self.pool = pool
         self.db = db
         self.max_adapters = max_adapters
+        self.cache_seconds = cache_seconds
+        self._cached: list[Any] = []
+        self._cached_at = float("-inf")
+        self._lock = threading.Lock()
+        self.registry_reads = 0  # how often the registry was queried (tests, debugging)
 
     def describe(self) -> list[Any]:
         return []  # registered without auto-describe: collected only at scrape time
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        from sqlalchemy import func, select
-
-        from loradock.service.db.models import Job
 
         resident = GaugeMetricFamily(
             "loradock_adapters_resident", "Adapters resident, by tier.", labels=["tier"]
@@ -343,20 +353,36 @@ class StateCollector:
             ("loads", self.pool.loads, "Adapters loaded into the pool."),
         ):
             yield CounterMetricFamily(f"loradock_adapter_cache_{name}", doc, value=value)
+        yield from self._registry_families()
+
+    def _registry_families(self) -> list[Any]:
+        with self._lock:  # concurrent scrapes wait for one read instead of each querying
+            if time.monotonic() - self._cached_at >= self.cache_seconds:
+                try:
+                    self._cached = [self._jobs(), *self._quality()]
+                    self.registry_reads += 1
+                except Exception:  # a scrape must never fail because the registry is busy
+                    log.warning("metrics: the registry could not be read; serving the last "
+                                "values", exc_info=True)  # fmt: skip
+                self._cached_at = time.monotonic()
+            return list(self._cached)
+
+    def _jobs(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+        from sqlalchemy import func, select
+
+        from loradock.service.db.models import Job
+
         jobs = GaugeMetricFamily(
             "loradock_training_jobs", "Training jobs in the registry, by state.", labels=["state"]
         )
         counts = {s: 0 for s in ("queued", "running", "succeeded", "failed", "cancelled")}
-        try:
-            with self.db.session() as s:
-                for state, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
-                    counts[state] = n
-        except Exception:  # a scrape must never fail because the registry is busy
-            return
+        with self.db.session() as s:
+            for state, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
+                counts[state] = n
         for state, n in counts.items():
             jobs.add_metric([state], n)
-        yield jobs
-        yield from self._quality()
+        return jobs
 
     def _quality(self) -> Iterator[Any]:
         """Validation and live quality of every adapter's live version (capped series)."""

@@ -60,6 +60,7 @@ class Runtime:
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None
         self.jobs: JobRunner | None = None
+        self.state_collector: StateCollector | None = None
         self._registry_problem: str | None = None
         self._registry_checked_at = float("-inf")
         self.engine: Engine | None = None
@@ -168,7 +169,10 @@ class Runtime:
             self.engine.warm_up()
             self.monitor = Monitor(self.store, s, self.metrics)
             self.monitor.start()
-            self.metrics.registry.register(StateCollector(pool, self.db, s.max_adapter_series))
+            self.state_collector = StateCollector(
+                pool, self.db, s.max_adapter_series, s.metrics_cache_seconds
+            )
+            self.metrics.registry.register(self.state_collector)
             self.jobs = JobRunner(
                 self.db,
                 self.store,

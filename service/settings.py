@@ -235,6 +235,23 @@ class Settings(BaseSettings):
     drift_p_value: float = Field(
         0.05, gt=0, lt=1, description="Embedding MMD permutation p-value below which it drifted."
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /metrics on this separate port (on metrics_host) instead of the API "
+        "port, so a NetworkPolicy can keep it internal; unset = on the API port.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Interface of the separate metrics listener; 0.0.0.0 in pods."
+    )
+    metrics_cache_seconds: float = Field(
+        15.0,
+        ge=0,
+        le=3600,
+        description="Registry aggregates in /metrics (jobs per state, adapter quality) are read "
+        "at most once per this long, whatever the scrape rate.",
+    )
     max_adapter_series: int = Field(
         1000, ge=0, description="Adapters with their own metric series; beyond, aggregates only."
     )

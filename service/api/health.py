@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from loradock.service.api.deps import RuntimeDep
+from loradock.service.errors import NotFound
 from loradock.service.runtime import Phase
 
 router = APIRouter(tags=["health"])
@@ -43,5 +44,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus text format", response_class=Response)
 def metrics(runtime: RuntimeDep) -> Response:
+    if runtime.settings.metrics_port is not None:
+        raise NotFound("metrics are served on the internal metrics port (LORADOCK_METRICS_PORT)")
     body, content_type = runtime.metrics.render()
     return Response(body, media_type=content_type)

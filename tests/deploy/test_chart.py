@@ -149,8 +149,7 @@ def test_everything_written_goes_to_a_volume(rendered):
 def test_probes_use_health_and_readiness_with_a_long_startup_budget(rendered):
     _, docs = rendered
     c = container(docs)
-    [port] = c["ports"]
-    assert port["name"] == "http"
+    [port] = [p for p in c["ports"] if p["name"] == "http"]
     assert env_of(docs)["LORADOCK_PORT"]["value"] == str(port["containerPort"])
     probes = {k: c[k] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert probes["startupProbe"]["httpGet"]["path"] == "/readyz"
@@ -352,7 +351,30 @@ def test_prometheus_annotations_point_at_the_metrics_port():
     annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/path"] == "/metrics"
+    ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
+    assert annotations["prometheus.io/port"] == str(ports["metrics"])
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["LORADOCK_METRICS_PORT"] == str(ports["metrics"])
+    assert env["LORADOCK_METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - in the pod
+    # metrics back on the API port when the chart is told so
+    docs = render({"metrics": {"port": None}})
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(container(docs)["ports"][0]["containerPort"])
+    assert "LORADOCK_METRICS_PORT" not in {e["name"] for e in container(docs)["env"]}
+
+
+def test_network_policy_keeps_metrics_internal():
+    docs = render({"networkPolicy": {"enabled": True}})
+    policy = one(docs, "NetworkPolicy")
+    api, metrics = policy["spec"]["ingress"]
+    assert api["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert "from" not in api  # the API: from anywhere
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]  # fmt: skip
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= one(docs, "Deployment")["spec"]["template"]["metadata"][
+        "labels"].items()  # fmt: skip
 
 
 def test_service_monitor_scrapes_the_service_port():
