@@ -260,6 +260,13 @@ def unexpected_error_response(request: Request, exc: BaseException) -> JSONRespo
             f"{storage}: nothing was changed; retry when space has been freed",
             slug=InsufficientStorage.slug, headers={"Retry-After": "60"},
         )  # fmt: skip
+    if any(type(e).__name__ == "StaleDataError" for e in _chain(exc)):
+        # SQLAlchemy: the row changed or vanished under this request (a promote racing a delete)
+        return error_response(
+            request, 409, "Conflict",
+            "the object was changed or deleted by a concurrent request; read it again",
+            slug="conflict",
+        )  # fmt: skip
     registry = registry_problem(exc)
     if registry is not None:
         log.error("%s %s: %s", request.method, request.url.path, registry)

@@ -14,7 +14,7 @@ import json
 import logging
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,10 @@ class Monitor:
         self._queue: queue.SimpleQueue[tuple[AdapterRef | None, list[RowResult]] | None] = (
             queue.SimpleQueue()
         )
-        self._windows: dict[str, _Window] = {}
+        # Least recently observed first: beyond drift_max_adapters the oldest window is dropped,
+        # so memory is bounded however many adapters take traffic.
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self.evicted = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="loradock-monitor", daemon=True)
         self._idle = threading.Event()
@@ -113,7 +116,16 @@ class Monitor:
             if w is None or w.ref.version != ref.version:  # a new live version: a new window
                 w = _Window(ref, deque(maxlen=self.s.drift_window))
                 self._windows[ref.adapter_id] = w
-        w.rows.extend(rows)
+            self._windows.move_to_end(ref.adapter_id)
+            while len(self._windows) > self.s.drift_max_adapters:
+                self._windows.popitem(last=False)
+                self.evicted += 1
+        # Rows keep only what scoring needs: the pooled embedding in half precision (a copy,
+        # never a view of the batch), the output and the length.
+        w.rows.extend(
+            RowResult(output=r.output, pooled=r.pooled.to(torch.float16), tokens=r.tokens)
+            for r in rows
+        )
         w.new += len(rows)
         self.metrics.adapter_requests(ref.adapter_id, ref.name, len(rows))
         if len(w.rows) >= self.s.drift_min_count and w.new >= self.s.drift_check_every:

@@ -223,6 +223,12 @@ class Settings(BaseSettings):
     drift_window: int = Field(
         500, ge=10, le=100_000, description="Recent predictions per adapter compared for drift."
     )
+    drift_max_adapters: int = Field(
+        256,
+        ge=1,
+        description="Adapters whose recent predictions are kept for drift scoring (the least "
+        "recently used beyond are dropped): bounds the monitor's memory.",
+    )
     drift_min_count: int = Field(
         50, ge=5, description="Predictions an adapter needs in its window before drift is scored."
     )

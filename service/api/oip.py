@@ -6,7 +6,6 @@ handlers pick that format for every path under /v2).
 
 from __future__ import annotations
 
-import asyncio
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
@@ -88,13 +87,13 @@ async def model_ready(
     model: str, runtime: ReadyRuntimeDep, principal: Principal = ReadDep
 ) -> JSONResponse:
     plane = runtime.require_serving()
-    try:
-        ref = await asyncio.to_thread(plane.live.resolve, principal.tenant_id, model, None)
+    try:  # resolved and loaded: a live version whose artifact is corrupt or missing is not ready
+        answer = await plane.task_of(principal.tenant_id, model, None)
     except LoradockError as e:
         if e.status == 404:
             raise
         return JSONResponse({"name": model, "ready": False, "error": e.detail}, status_code=503)
-    return JSONResponse({"name": ref.name, "ready": True})
+    return JSONResponse({"name": answer.ref.name, "ready": True})
 
 
 def _texts(req: InferRequest) -> list[str]:

@@ -54,6 +54,29 @@ class KeyOut(BaseModel):
     created_at: datetime
 
 
+class KeyInfo(BaseModel):
+    """A key as listed: never its secret."""
+
+    id: str
+    tenant_id: str
+    prefix: str
+    scopes: list[Scope]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo]
+
+
+class WhoAmI(BaseModel):
+    tenant_id: str
+    tenant_name: str
+    key_id: str
+    prefix: str
+    scopes: list[Scope]
+
+
 # --- adapters, versions, jobs ------------------------------------------------------------------
 
 Promote = Literal["always", "if_better", "never"]

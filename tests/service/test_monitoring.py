@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from loradock.adapters.monitoring.drift import mmd_test, psi
 from tests.datasets import keyword_rows
@@ -150,3 +151,21 @@ def test_psi_noise_floor():
     assert excess < 0.2
     raw, _noise, excess = psi_excess([45, 5], [5, 45])
     assert excess > 1.0
+
+
+def test_drift_windows_are_bounded_across_adapters(app_client):
+    runtime = app_client.app.state.runtime
+    runtime.settings.drift_max_adapters = 2
+    for i, name in enumerate(("a", "b", "c")):
+        trained(app_client, name=name, seed=i)
+        assert predict(app_client, name, ["refund for my card"]).status_code == 200
+    monitor = runtime.monitor
+    assert monitor.drain()
+    ids = {a["name"]: a["id"] for a in app_client.get("/v1/adapters").json()["adapters"]}
+    assert list(monitor._windows) == [ids["b"], ids["c"]]  # least recently used dropped
+    assert monitor.evicted == 1
+    window = monitor._windows[ids["c"]]
+    row = window.rows[0]
+    assert row.pooled.dtype == torch.float16
+    assert row.pooled.untyped_storage().nbytes() == row.pooled.numel() * 2  # its own copy
+    assert monitor.report(ids["a"])["status"] == "no traffic yet"

@@ -95,3 +95,34 @@ def test_bootstrap_with_the_operators_admin_key_writes_no_file(db, tmp_path):
     assert not key_path.exists()  # the operator's secret never lands on the data volume
     with db.session() as s:
         assert s.scalars(select(ApiKey)).one().key_hash == hash_key(given)
+
+
+def test_an_update_racing_a_delete_is_a_409_not_a_500(db):
+    """A promote that loaded the adapter before a concurrent delete committed: SQLAlchemy's
+    StaleDataError on flush becomes 409 with a message to read again (on SQLite and PostgreSQL)."""
+    import json
+
+    from starlette.requests import Request
+
+    from loradock.service.errors import unexpected_error_response
+
+    with db.session() as s:
+        tenant = Tenant(id=new_id("tn"), name="t")
+        s.add(tenant)
+        s.flush()
+        s.add(Adapter(id="ad_race", tenant_id=tenant.id, name="race", task="classification"))
+    caught = None
+    try:
+        with db.session() as s:
+            row = s.get(Adapter, "ad_race")
+            with db.session() as other:  # the concurrent delete commits first
+                other.delete(other.get(Adapter, "ad_race"))
+            row.live_version = 2
+    except Exception as e:
+        caught = e
+    assert type(caught).__name__ == "StaleDataError"
+    scope = {"type": "http", "method": "POST", "path": "/v1/adapters/race/versions/2/promote",
+             "headers": [], "query_string": b""}  # fmt: skip
+    response = unexpected_error_response(Request(scope), caught)
+    assert response.status_code == 409
+    assert "concurrent request" in json.loads(response.body)["detail"]

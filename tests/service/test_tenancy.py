@@ -21,6 +21,10 @@ SCOPES = {
     ("POST", "/v1/tenants"): "admin",
     ("POST", "/v1/tenants/{tenant_id}/keys"): "admin",
     ("DELETE", "/v1/keys/{key_id}"): "admin",
+    ("POST", "/v1/keys/{key_id}/rotate"): "admin",
+    ("GET", "/v1/keys"): "admin",
+    ("DELETE", "/v1/tenants/{tenant_id}"): "admin",
+    ("GET", "/v1/whoami"): "predict",  # any key: every scope includes reading
     ("GET", "/v1/adapters"): "predict",
     ("POST", "/v1/adapters"): "train",
     ("POST", "/v1/adapters/import"): "train",
