@@ -393,3 +393,18 @@ def test_event_streams_end_on_revocation_and_at_their_lifetime(tmp_path, tiny_be
         assert seconds < 3.5  # before its lifetime
         assert "event: error" in lines
         assert any("the API key was revoked" in line for line in lines)
+
+
+def test_connections_beyond_the_concurrency_limit_get_503(tmp_path, tiny_bert_dir):
+    with ServerProcess(tmp_path / "data", base_model=tiny_bert_dir, max_concurrency=4,
+                       header_timeout_seconds=30) as server:  # fmt: skip
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+        try:
+            time.sleep(0.3)
+            resp = httpx.get(server.url + "/healthz", timeout=10)
+            assert resp.status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.3)
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200

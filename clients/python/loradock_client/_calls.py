@@ -17,6 +17,7 @@ from loradock_client._transport import Call
 from loradock_client.models import (
     Adapter,
     FeedbackResult,
+    Identity,
     Job,
     Key,
     MonitoringReport,
@@ -242,3 +243,22 @@ def create_key(tenant_id: str, scopes: Sequence[str]) -> Call[Key]:
 
 def revoke_key(key_id: str) -> Call[None]:
     return Call("DELETE", f"/v1/keys/{seg(key_id)}", nothing)
+
+
+def rotate_key(key_id: str) -> Call[Key]:
+    return Call("POST", f"/v1/keys/{seg(key_id)}/rotate", one(Key))
+
+
+def list_keys(tenant_id: str | None = None, include_revoked: bool = False) -> Call[list[Key]]:
+    params: dict[str, Any] = {"include_revoked": include_revoked}
+    if tenant_id is not None:
+        params["tenant_id"] = tenant_id
+    return Call("GET", "/v1/keys", many(Key, "keys"), params=params)
+
+
+def whoami() -> Call[Identity]:
+    return Call("GET", "/v1/whoami", one(Identity))
+
+
+def delete_tenant(tenant_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/tenants/{seg(tenant_id)}", nothing)

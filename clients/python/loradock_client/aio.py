@@ -34,6 +34,7 @@ from loradock_client.errors import StreamInterrupted
 from loradock_client.models import (
     Adapter,
     FeedbackResult,
+    Identity,
     Job,
     JobEvent,
     Key,
@@ -350,6 +351,10 @@ class AsyncTenants(_AsyncResource):
     async def list(self) -> builtins.list[Tenant]:
         return await self._client._call(_calls.list_tenants())
 
+    async def delete(self, tenant_id: str) -> None:
+        """The tenant and everything it owns (keys, adapters, jobs, artifacts)."""
+        await self._client._call(_calls.delete_tenant(tenant_id))
+
 
 class AsyncKeys(_AsyncResource):
     async def create(self, tenant_id: str, scopes: Sequence[str] = ("train", "predict")) -> Key:
@@ -357,3 +362,17 @@ class AsyncKeys(_AsyncResource):
 
     async def revoke(self, key_id: str) -> None:
         await self._client._call(_calls.revoke_key(key_id))
+
+    async def rotate(self, key_id: str) -> Key:
+        """A new key with the same tenant and scopes; the old one is revoked."""
+        return await self._client._call(_calls.rotate_key(key_id))
+
+    async def list(
+        self, tenant_id: str | None = None, *, include_revoked: bool = False
+    ) -> builtins.list[Key]:
+        """Keys of a tenant (default the caller's), without secrets."""
+        return await self._client._call(_calls.list_keys(tenant_id, include_revoked))
+
+    async def whoami(self) -> Identity:
+        """The calling key's tenant and scopes."""
+        return await self._client._call(_calls.whoami())

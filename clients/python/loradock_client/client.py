@@ -34,6 +34,7 @@ from loradock_client.errors import StreamInterrupted
 from loradock_client.models import (
     Adapter,
     FeedbackResult,
+    Identity,
     Job,
     JobEvent,
     Key,
@@ -364,6 +365,10 @@ class Tenants(_Resource):
     def list(self) -> builtins.list[Tenant]:
         return self._client._call(_calls.list_tenants())
 
+    def delete(self, tenant_id: str) -> None:
+        """The tenant and everything it owns (keys, adapters, jobs, artifacts)."""
+        self._client._call(_calls.delete_tenant(tenant_id))
+
 
 class Keys(_Resource):
     def create(self, tenant_id: str, scopes: Sequence[str] = ("train", "predict")) -> Key:
@@ -372,3 +377,17 @@ class Keys(_Resource):
 
     def revoke(self, key_id: str) -> None:
         self._client._call(_calls.revoke_key(key_id))
+
+    def rotate(self, key_id: str) -> Key:
+        """A new key with the same tenant and scopes; the old one is revoked."""
+        return self._client._call(_calls.rotate_key(key_id))
+
+    def list(
+        self, tenant_id: str | None = None, *, include_revoked: bool = False
+    ) -> builtins.list[Key]:
+        """Keys of a tenant (default the caller's), without secrets."""
+        return self._client._call(_calls.list_keys(tenant_id, include_revoked))
+
+    def whoami(self) -> Identity:
+        """The calling key's tenant and scopes."""
+        return self._client._call(_calls.whoami())

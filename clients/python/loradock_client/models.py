@@ -35,6 +35,17 @@ class Key(Model):
     tenant_id: str | None = None
     prefix: str | None = None
     created_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class Identity(Model):
+    """Who a key is: GET /v1/whoami."""
+
+    tenant_id: str
+    tenant_name: str
+    key_id: str
+    prefix: str
+    scopes: list[str]
 
 
 class EpochRecord(Model):
