@@ -190,13 +190,14 @@ def _datasets(task: type[tasks.Task], body: Any, limits: Limits) -> tuple[Datase
     try:
         train = validate_rows(
             body.training_data, task, max_rows=limits.max_rows,
-            max_text_chars=limits.max_text_chars,
+            max_text_chars=limits.max_text_chars, on_conflict=body.on_conflict,
         )  # fmt: skip
         val = None
         if body.validation_data is not None:
             val = validate_rows(
                 body.validation_data, task, max_rows=limits.max_rows,
                 max_text_chars=limits.max_text_chars, dataset="validation_data", min_rows=2,
+                on_conflict=body.on_conflict,
             )  # fmt: skip
             check_validation_labels(train, val)
             remove_leakage(train, val)

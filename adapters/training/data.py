@@ -69,6 +69,7 @@ class Dataset:
     labels: list[str]  # sorted class names (classification), [] for regression
     warnings: list[str] = field(default_factory=list)
     dropped_duplicates: int = 0
+    dropped_conflicts: int = 0  # rows of texts given more than one label
 
     @property
     def has_groups(self) -> bool:
@@ -156,11 +157,14 @@ def validate_rows(
     max_text_chars: int,
     dataset: str = "training_data",
     min_rows: int = 4,
+    on_conflict: str = "drop",
 ) -> Dataset:
     """Check every row; raise DatasetError listing the problems, or return a clean Dataset.
 
-    Exact duplicates (same text and label) are dropped with a warning. The same text with
-    different labels is an error: it makes the label of that text, and validation, meaningless.
+    Exact duplicates (same text and label) are dropped with a warning. A text given different
+    labels is ambiguous (its label, and validation on it, would be meaningless): with
+    `on_conflict="drop"` (the default) all its rows are dropped with a warning naming them, with
+    `"reject"` it is an error. Real data has such rows; one of them should not cost the dataset.
     """
     if len(rows) > max_rows:
         raise DatasetError(
@@ -179,37 +183,61 @@ def validate_rows(
     if problems:
         raise DatasetError(problems)
 
-    seen: dict[str, tuple[int, str | float]] = {}
+    # Group rows by text: exact duplicates (same label) are dropped; a text with conflicting
+    # labels is dropped entirely (its label, and validation on it, would be meaningless) with a
+    # warning naming the rows, or refused when on_conflict == "reject".
+    by_text: dict[str, list[tuple[int, Example]]] = {}
+    for i, ex in examples:
+        by_text.setdefault(ex.text.strip(), []).append((i, ex))
     kept: list[Example] = []
     dropped = 0
-    for i, ex in examples:
-        key = ex.text.strip()
-        if key in seen:
-            first_row, first_label = seen[key]
-            if first_label != ex.label:
-                problems.append(
-                    Problem(
-                        i, "label",
-                        f"same text as row {first_row} but label {ex.label!r} "
-                        f"instead of {first_label!r} (ambiguous)",
-                        dataset,
-                    )
-                )  # fmt: skip
-            else:
-                dropped += 1
+    conflicts: list[str] = []
+    conflict_rows = 0
+    for group in by_text.values():
+        labels_seen = list(dict.fromkeys(ex.label for _, ex in group))
+        if len(labels_seen) == 1:
+            kept.append(group[0][1])
+            dropped += len(group) - 1
             continue
-        seen[key] = (i, ex.label)
-        kept.append(ex)
+        numbers = [i for i, _ in group]
+        where = f"rows {', '.join(map(str, numbers[:5]))}{' ...' if len(numbers) > 5 else ''}"
+        if on_conflict == "reject":
+            first = group[0]
+            other = next((i, ex) for i, ex in group if ex.label != first[1].label)
+            problems.append(
+                Problem(
+                    other[0], "label",
+                    f"same text as row {first[0]} but label {other[1].label!r} instead of "
+                    f"{first[1].label!r} (ambiguous; on_conflict='drop' would drop it)",
+                    dataset,
+                )
+            )  # fmt: skip
+            continue
+        conflict_rows += len(group)
+        conflicts.append(f"{where} ({' vs '.join(repr(lbl) for lbl in labels_seen[:4])})")
     if problems:
         raise DatasetError(problems)
 
     warnings = []
     if dropped:
         warnings.append(f"{dataset}: dropped {dropped} exact duplicate rows")
+    if conflicts:
+        shown = "; ".join(conflicts[:5]) + (
+            f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        )
+        warnings.append(
+            f"{dataset}: dropped {conflict_rows} rows of {len(conflicts)} texts with conflicting "
+            f"labels: {shown}. Send on_conflict='reject' to refuse such data instead"
+        )
     labels, task_warnings = task.check_labels(kept, dataset)
     warnings += task_warnings
     return Dataset(
-        task=task, examples=kept, labels=labels, warnings=warnings, dropped_duplicates=dropped
+        task=task,
+        examples=kept,
+        labels=labels,
+        warnings=warnings,
+        dropped_duplicates=dropped,
+        dropped_conflicts=conflict_rows,
     )
 
 

@@ -94,6 +94,12 @@ class VersionCreate(Strict):
         None, description="Optional validation rows; else a stratified split of training_data."
     )
     validation_split: float = Field(0.2, ge=0.05, le=0.5, description="Share held out.")
+    on_conflict: Literal["drop", "reject"] = Field(
+        "drop",
+        description="A text given different labels: drop all its rows with a warning naming "
+        "them (drop), or refuse the dataset with 422 (reject). Exact duplicates are always "
+        "dropped.",
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     promote: Promote = Field(
         "if_better",

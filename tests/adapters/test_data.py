@@ -81,9 +81,21 @@ def test_exact_duplicates_are_dropped_with_a_warning():
     assert "dropped 2 exact duplicate" in ds.warnings[0]
 
 
-def test_conflicting_labels_for_one_text_are_rejected():
+def test_a_text_with_conflicting_labels_is_dropped_with_a_warning_naming_its_rows():
+    rows = [*GOOD, {"text": "text 1", "label": "b"}, {"text": " text 1", "label": "a"}]
+    ds = check(rows)  # "text 1" is labelled "a" in row 2, "b" in row 11, "a" again in row 12
+    assert [e.text for e in ds.examples] == [f"text {i}" for i in range(10) if i != 1]
+    assert ds.dropped_conflicts == 3
+    [warning] = ds.warnings
+    assert "dropped 3 rows of 1 texts with conflicting labels: rows 2, 11, 12 ('a' vs 'b')" in (
+        warning
+    )
+    assert "on_conflict='reject'" in warning
+
+
+def test_conflicting_labels_are_rejected_when_asked():
     rows = [*GOOD, {"text": "text 1", "label": "b"}]  # "text 1" is labelled "a" in row 2
-    problems, _ = problems_of(rows)
+    problems, _ = problems_of(rows, on_conflict="reject")
     assert problems[0].row == 11
     assert "same text as row 2" in problems[0].message
     assert "ambiguous" in problems[0].message

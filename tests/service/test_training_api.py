@@ -112,7 +112,6 @@ def test_multipart_csv_and_jsonl_uploads(app_client):
         ([{"text": f"t{i}", "label": "same"} for i in range(10)], "at least 2 are needed"),
         ([*keyword_rows(3), {"text": "lonely", "label": "other"}], "'other' (1)"),
         ([{"text": "x" * 20000, "label": "a"}, *keyword_rows(3)], "exceed the limit of 10000"),
-        ([*keyword_rows(3), {"text": keyword_rows(3)[0]["text"], "label": "zzz"}], "ambiguous"),
         ([], "0 rows"),
     ],
 )
@@ -386,3 +385,18 @@ def test_deleting_an_adapter_while_it_trains_leaves_nothing_and_the_worker_goes_
     keys = store_keys(app_client)
     assert keys
     assert all("/" + app_client.get("/v1/adapters/next").json()["id"] + "/" in k for k in keys)
+
+
+def test_one_conflicting_text_costs_a_warning_not_the_dataset(app_client):
+    rows = keyword_rows(20)
+    rows.append({"text": rows[5]["text"], "label": "login" if rows[5]["label"] != "login"
+                 else "billing"})  # fmt: skip
+    refused = create(app_client, rows=rows, training_data=rows, on_conflict="reject")
+    assert_problem(refused, 422, f"row {len(rows)} field 'label': same text as row 6")
+    resp = create(app_client, rows=rows, training_data=rows)
+    assert resp.status_code == 202, resp.text
+    job = wait_job(app_client, resp.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    version = app_client.get("/v1/adapters/tickets/versions/1").json()
+    [warning] = [w for w in version["report"]["warnings"] if "conflicting labels" in w]
+    assert f"dropped 2 rows of 1 texts with conflicting labels: rows 6, {len(rows)}" in warning
