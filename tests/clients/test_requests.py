@@ -36,6 +36,7 @@ def test_create_with_rows_sends_json_and_returns_at_once_without_wait(server, cl
         validation_data=ROWS,
         hyperparameters={"epochs": 3},
         promote="never",
+        on_conflict="reject",
         wait=False,
     )
     assert isinstance(started, TrainingResult)
@@ -50,6 +51,7 @@ def test_create_with_rows_sends_json_and_returns_at_once_without_wait(server, cl
         "validation_data": ROWS,
         "hyperparameters": {"epochs": 3},
         "promote": "never",
+        "on_conflict": "reject",
     }
     assert server.hits("GET", "/v1/jobs/job_1/events") == []
 
@@ -79,6 +81,7 @@ def test_create_with_a_file_sends_multipart(server, client, tmp_path):
     assert json.loads(form["hyperparameters"][1]) == {"rank": 4}
     assert form["validation_split"][1] == b"0.3"
     assert form["promote"][1] == b"if_better"
+    assert form["on_conflict"][1] == b"drop"
 
 
 def test_create_needs_exactly_one_training_set(client, tmp_path):

@@ -39,6 +39,7 @@ from loradock_client.models import (
     JobEvent,
     Key,
     MonitoringReport,
+    OnConflict,
     PredictionResult,
     Promote,
     Task,
@@ -177,6 +178,7 @@ class AsyncAdapters(_AsyncResource):
         validation_split: float | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
         promote: Promote = "if_better",
+        on_conflict: OnConflict = "drop",
         wait: bool = True,
         progress: bool | ProgressDisplay | None = None,
         on_event: EventHook | None = None,
@@ -191,7 +193,7 @@ class AsyncAdapters(_AsyncResource):
             validation_split=validation_split,
             hyperparameters=hyperparameters,
             promote=promote,
-            fields={"name": name, "task": task},
+            fields={"name": name, "task": task, "on_conflict": on_conflict},
         )
         return await self._finish(await self._client._call(call), wait, progress, on_event)
 
@@ -206,6 +208,7 @@ class AsyncAdapters(_AsyncResource):
         validation_split: float | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
         promote: Promote = "if_better",
+        on_conflict: OnConflict = "drop",
         wait: bool = True,
         progress: bool | ProgressDisplay | None = None,
         on_event: EventHook | None = None,
@@ -219,7 +222,7 @@ class AsyncAdapters(_AsyncResource):
             validation_split=validation_split,
             hyperparameters=hyperparameters,
             promote=promote,
-            fields={},
+            fields={"on_conflict": on_conflict},
         )
         return await self._finish(await self._client._call(call), wait, progress, on_event)
 

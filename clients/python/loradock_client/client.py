@@ -39,6 +39,7 @@ from loradock_client.models import (
     JobEvent,
     Key,
     MonitoringReport,
+    OnConflict,
     PredictionResult,
     Promote,
     Task,
@@ -187,6 +188,7 @@ class Adapters(_Resource):
         validation_split: float | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
         promote: Promote = "if_better",
+        on_conflict: OnConflict = "drop",
         wait: bool = True,
         progress: bool | ProgressDisplay | None = None,
         on_event: EventHook | None = None,
@@ -194,7 +196,9 @@ class Adapters(_Resource):
         """Create an adapter and train its version 1 from rows (`{"text", "label", "group"?}`)
         or a JSONL/CSV file. With `wait`, follow the job (a progress bar on stderr when it is a
         terminal, or as `progress` says) and return the trained adapter; a failed or cancelled
-        job raises TrainingFailed. Without, return at once with the queued job."""
+        job raises TrainingFailed. Without, return at once with the queued job. A text given
+        different labels is dropped with a warning (`on_conflict="drop"`) or refuses the data
+        (`"reject"`, ValidationFailed naming the row)."""
         call = _calls.training_call(
             "/v1/adapters",
             training_data=training_data,
@@ -204,7 +208,7 @@ class Adapters(_Resource):
             validation_split=validation_split,
             hyperparameters=hyperparameters,
             promote=promote,
-            fields={"name": name, "task": task},
+            fields={"name": name, "task": task, "on_conflict": on_conflict},
         )
         return self._finish(self._client._call(call), wait, progress, on_event)
 
@@ -219,6 +223,7 @@ class Adapters(_Resource):
         validation_split: float | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
         promote: Promote = "if_better",
+        on_conflict: OnConflict = "drop",
         wait: bool = True,
         progress: bool | ProgressDisplay | None = None,
         on_event: EventHook | None = None,
@@ -233,7 +238,7 @@ class Adapters(_Resource):
             validation_split=validation_split,
             hyperparameters=hyperparameters,
             promote=promote,
-            fields={},
+            fields={"on_conflict": on_conflict},
         )
         return self._finish(self._client._call(call), wait, progress, on_event)
 

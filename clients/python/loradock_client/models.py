@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Task = Literal["classification", "regression"]
 Promote = Literal["always", "if_better", "never"]
+# A text given different labels: drop its rows with a warning, or refuse the dataset (422).
+OnConflict = Literal["drop", "reject"]
 Scope = Literal["admin", "train", "predict"]
 TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
