@@ -199,7 +199,7 @@ class DataPlane:
             finally:
                 self.engine.release([resident])
         if observe and self.monitor is not None:
-            self.monitor.observe(ref, rows)
+            self.monitor.observe(ref, rows, live=version is None)
         limit = self.engine.base.max_length
         predictions = []
         for r in rows:

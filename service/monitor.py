@@ -40,6 +40,7 @@ MMD_SAMPLE = 256
 class _Window:
     ref: AdapterRef
     rows: deque[RowResult]
+    live: bool = True  # its latest traffic resolved the live version (else: pinned, shadow)
     new: int = 0
     task: Task | None = None
     reference: dict[str, Any] | None = None
@@ -52,12 +53,14 @@ class Monitor:
         self.store = store
         self.s = settings
         self.metrics = metrics
-        self._queue: queue.SimpleQueue[tuple[AdapterRef | None, list[RowResult]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[AdapterRef | None, list[RowResult], bool] | None] = (
             queue.SimpleQueue()
         )
         # Least recently observed first: beyond drift_max_adapters the oldest window is dropped,
         # so memory is bounded however many adapters take traffic.
-        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        # One window per (adapter, version): traffic pinned to another version (shadow tests)
+        # never resets the live version's window.
+        self._windows: OrderedDict[tuple[str, int], _Window] = OrderedDict()
         self.evicted = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="loradock-monitor", daemon=True)
@@ -71,28 +74,46 @@ class Monitor:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def observe(self, ref: AdapterRef, rows: list[RowResult]) -> None:
-        """Called on the request path: only a queue put."""
+    def observe(self, ref: AdapterRef, rows: list[RowResult], live: bool = True) -> None:
+        """Called on the request path: only a queue put. `live`: the request resolved the live
+        version (not one it named), so its rows also drive the adapter's drift gauges."""
         self._idle.clear()
-        self._queue.put((ref, rows))
+        self._queue.put((ref, rows, live))
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every observed row is processed (tests and reports)."""
         self._idle.clear()
-        self._queue.put((None, []))  # a marker: once processed, what came before is too
+        self._queue.put((None, [], False))  # a marker: once processed, what came before is too
         return self._idle.wait(timeout)
 
     def forget(self, adapter_id: str) -> None:
         with self._lock:
-            self._windows.pop(adapter_id, None)
+            for key in [k for k in self._windows if k[0] == adapter_id]:
+                del self._windows[key]
         self.metrics.forget_adapter(adapter_id)
 
-    def report(self, adapter_id: str) -> dict[str, Any]:
+    def report(self, adapter_id: str, version: int | None = None) -> dict[str, Any]:
+        """The drift report of `version` (default: the adapter's most recent live traffic),
+        with the windows of other versions that took pinned traffic under `shadow`."""
         with self._lock:
-            w = self._windows.get(adapter_id)
-            if w is None:
-                return {"status": "no traffic yet", "window_rows": 0}
-            return {**w.report, "window_rows": len(w.rows), "version": w.ref.version}
+            mine = {v: w for (a, v), w in self._windows.items() if a == adapter_id}
+            if version is None:
+                live = [v for v, w in mine.items() if w.live]
+                version = live[-1] if live else None
+            w = mine.get(version) if version is not None else None
+            out: dict[str, Any] = (
+                {"status": "no traffic yet", "window_rows": 0}
+                if w is None
+                else {**w.report, "window_rows": len(w.rows), "version": w.ref.version}
+            )
+            shadow = {
+                str(v): {**o.report, "window_rows": len(o.rows)}
+                for v, o in mine.items()
+                if v != version
+            }
+        if shadow:
+            out["shadow"] = shadow
+        return out
 
     # --- the background thread ---------------------------------------------------------------
 
@@ -101,22 +122,24 @@ class Monitor:
             item = self._queue.get()
             if item is None:
                 return
-            ref, rows = item
+            ref, rows, live = item
             if ref is not None:
                 try:
-                    self._add(ref, rows)
+                    self._add(ref, rows, live)
                 except Exception:  # the monitor must never take serving down
                     log.exception("monitor failed on %s", ref.adapter_id)
             if self._queue.empty():
                 self._idle.set()
 
-    def _add(self, ref: AdapterRef, rows: list[RowResult]) -> None:
+    def _add(self, ref: AdapterRef, rows: list[RowResult], live: bool = True) -> None:
+        key = (ref.adapter_id, ref.version)
         with self._lock:
-            w = self._windows.get(ref.adapter_id)
-            if w is None or w.ref.version != ref.version:  # a new live version: a new window
-                w = _Window(ref, deque(maxlen=self.s.drift_window))
-                self._windows[ref.adapter_id] = w
-            self._windows.move_to_end(ref.adapter_id)
+            w = self._windows.get(key)
+            if w is None:
+                w = _Window(ref, deque(maxlen=self.s.drift_window), live=live)
+                self._windows[key] = w
+            w.live = w.live or live  # once it served live traffic, it is a live window
+            self._windows.move_to_end(key)
             while len(self._windows) > self.s.drift_max_adapters:
                 self._windows.popitem(last=False)
                 self.evicted += 1
@@ -169,7 +192,8 @@ class Monitor:
         ]
         w.report = {"status": "scored", "signals": signals, "drifting": bool(drifted),
                     "drifted_signals": drifted, "rows_scored": len(rows)}  # fmt: skip
-        self.metrics.adapter_drift(w.ref.adapter_id, w.ref.name, signals, bool(drifted))
+        if w.live:  # the adapter's gauges follow its live version, not shadow traffic
+            self.metrics.adapter_drift(w.ref.adapter_id, w.ref.name, signals, bool(drifted))
 
     def _embedding_signal(self, w: _Window, rows: list[RowResult]) -> dict[str, Any] | None:
         ref = w.reference_embeddings

@@ -190,7 +190,7 @@ def monitoring(
     drift: dict[str, Any] = {"status": "monitor not running"}
     if runtime.monitor is not None:
         runtime.monitor.drain(10.0)
-        drift = runtime.monitor.report(adapter_id)
+        drift = runtime.monitor.report(adapter_id, live)
     flags += _drift_flags(drift)
     live_acc = _live_accuracy(db, adapter_id, live, val_acc)
     if live_acc.get("gap") is not None and live_acc["items"] >= 20 and live_acc["gap"] > 0.1:

@@ -9,6 +9,7 @@ from loradock.adapters.monitoring.drift import mmd_test, psi
 from tests.datasets import keyword_rows
 from tests.service.test_app import assert_problem
 from tests.service.test_predict_api import predict, trained
+from tests.service.test_training_api import wait_job
 
 
 def test_psi_is_zero_for_equal_and_large_for_shifted_distributions():
@@ -162,10 +163,27 @@ def test_drift_windows_are_bounded_across_adapters(app_client):
     monitor = runtime.monitor
     assert monitor.drain()
     ids = {a["name"]: a["id"] for a in app_client.get("/v1/adapters").json()["adapters"]}
-    assert list(monitor._windows) == [ids["b"], ids["c"]]  # least recently used dropped
+    assert list(monitor._windows) == [(ids["b"], 1), (ids["c"], 1)]  # least recently used gone
     assert monitor.evicted == 1
-    window = monitor._windows[ids["c"]]
+    window = monitor._windows[(ids["c"], 1)]
     row = window.rows[0]
     assert row.pooled.dtype == torch.float16
     assert row.pooled.untyped_storage().nbytes() == row.pooled.numel() * 2  # its own copy
     assert monitor.report(ids["a"])["status"] == "no traffic yet"
+
+
+def test_shadow_traffic_to_another_version_never_resets_the_live_window(app_client):
+    trained(app_client)
+    rows = keyword_rows(20, seed=3)
+    resp = app_client.post("/v1/adapters/tickets/versions",
+                           json={"training_data": rows, "promote": "never"})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    assert wait_job(app_client, resp.json()["job"]["id"])["status"] == "succeeded"
+    texts = [r["text"] for r in keyword_rows(10, seed=7)]
+    assert predict(app_client, "tickets", texts).status_code == 200  # live: version 1
+    assert predict(app_client, "tickets", texts[:5], version=2).status_code == 200  # shadow
+    assert predict(app_client, "tickets", texts[:3]).status_code == 200
+    drift = app_client.get("/v1/adapters/tickets/monitoring").json()["drift"]
+    assert drift["version"] == 1
+    assert drift["window_rows"] == len(texts) + 3  # not reset by the version-2 traffic
+    assert drift["shadow"]["2"]["window_rows"] == 5
