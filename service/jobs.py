@@ -461,7 +461,9 @@ class JobRunner:
             log.info("job %s: interrupted by shutdown, re-queued", job_id)
             return
         if outcome.status == "succeeded":
-            self._publish(job_id, tenant_id, adapter_id, version, spec, outcome)
+            # loradock.json records every hyperparameter used, defaults included
+            used = {**spec, "hyperparameters": hp.model_dump()}
+            self._publish(job_id, tenant_id, adapter_id, version, used, outcome)
         else:
             with self.db.session() as s:
                 job = s.get(Job, job_id)

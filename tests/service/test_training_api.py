@@ -242,8 +242,14 @@ def test_download_is_a_zip_with_manifest(app_client):
     resp = app_client.get("/v1/adapters/tickets/download")
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/zip"
-    names = set(zipfile.ZipFile(io.BytesIO(resp.content)).namelist())
+    archive = zipfile.ZipFile(io.BytesIO(resp.content))
+    names = set(archive.namelist())
     assert {"manifest.json", "head.safetensors", "loradock.json", "reference.json"} <= names
+    # every hyperparameter used is recorded, the defaults too (not only those given)
+    recorded = json.loads(archive.read("loradock.json"))["hyperparameters"]
+    assert recorded["learning_rate"] == FAST["learning_rate"]
+    assert recorded["rank"] == 8
+    assert recorded["weight_decay"] == 0.01
     assert_problem(app_client.get("/v1/adapters/tickets/download?version=7"), 404)
 
 
