@@ -204,7 +204,8 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         while True:
-            self._drop_abandoned()
+            # Requests abandoned while queued are dropped by _take; if that leaves nothing, the
+            # next turn finds the queue empty and sleeps.
             if not self._tenants:
                 if self._closed:
                     return

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -260,7 +261,7 @@ def unexpected_error_response(request: Request, exc: BaseException) -> JSONRespo
             f"{storage}: nothing was changed; retry when space has been freed",
             slug=InsufficientStorage.slug, headers={"Retry-After": "60"},
         )  # fmt: skip
-    if any(type(e).__name__ == "StaleDataError" for e in _chain(exc)):
+    if any(isinstance(e, StaleDataError) for e in _chain(exc)):
         # SQLAlchemy: the row changed or vanished under this request (a promote racing a delete)
         return error_response(
             request, 409, "Conflict",

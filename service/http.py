@@ -4,12 +4,14 @@ uvicorn (0.55, h11) has a keep-alive timeout, but any byte cancels it, so a clie
 header line every few seconds holds a connection (and a file descriptor) forever. This protocol
 adds a request-head deadline: the whole head (request line and headers) must arrive within
 `header_timeout` seconds of the connection opening or of the previous response; otherwise the
-server answers 408 and closes. It also refuses obsolete line folding in headers (RFC 9112 5.2:
-"Transfer-Encoding:\\r\\n chunked" is one header to h11 and perhaps two to a proxy in front).
+server answers 408 and closes. It also refuses, from the raw head and with the reason, obsolete
+line folding in headers (RFC 9112 5.2: "Transfer-Encoding:\\r\\n chunked" is one header to h11
+and perhaps two to a proxy in front) and `Content-Length` together with `Transfer-Encoding`.
 
-The body deadline, the size limit counted on the bytes actually received and the refusal of
-`Content-Length` together with `Transfer-Encoding` are ASGI middleware (service/middleware.py),
-so they hold for every request on a connection, pipelined ones included.
+The body deadline and the size limit counted on the bytes actually received are ASGI middleware
+(service/middleware.py, RequestBodyGuard), so they hold for every request on a connection,
+pipelined ones included; it refuses CL with TE too, for heads this check did not see (pipelined
+in one segment behind another request).
 """
 
 from __future__ import annotations

@@ -132,6 +132,7 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._workers: list[threading.Thread | None] = [None] * workers  # by index, supervised
         self._cancel: set[str] = set()
         self._running: set[str] = set()
         self._lock = threading.Lock()
@@ -206,7 +207,6 @@ class JobRunner:
                 log.warning("job lease upkeep failed; retrying", exc_info=True)
 
     def start(self) -> None:
-        self._workers: list[threading.Thread | None] = [None] * self.workers
         for i in range(self.workers):
             self._start_worker(i)
         if self.shared and self.workers > 0:
@@ -241,7 +241,7 @@ class JobRunner:
                 self.metrics.job_workers_alive.set(self.alive_workers())
 
     def alive_workers(self) -> int:
-        return sum(1 for t in getattr(self, "_workers", []) if t is not None and t.is_alive())
+        return sum(1 for t in self._workers if t is not None and t.is_alive())
 
     def health(self) -> dict[str, Any]:
         """What /readyz shows of the training workers."""
