@@ -259,4 +259,4 @@ class LoRAWeights(nn.Module):
                 weights.A[i].copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
                 weights.B[i].copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
         weights.requires_grad_(False)
-        return weights
+        return weights.eval()  # loaded to serve: no dropout on the LoRA path

@@ -35,6 +35,14 @@ class ServedHead:
     head: LinearHead  # weight [n_outputs, hidden], bias [n_outputs], on the device
 
 
+class _PooledOnly:
+    """The base resident's 'task': its rows are wanted for their pooled embedding only."""
+
+    @staticmethod
+    def decode(row: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+
 @dataclass
 class RowResult:
     """One input's answer, plus what the monitor needs (pooled embedding, confidence, length)."""
@@ -63,6 +71,7 @@ class Engine:
         self.oom_splits = 0  # batches split after a CUDA out-of-memory error
         self._loading: dict[AdapterRef, threading.Lock] = {}
         self._loading_guard = threading.Lock()
+        self._base_resident: Resident | None = None
 
     def acquire(self, ref: AdapterRef) -> Resident:
         """The resident adapter for `ref`, loaded from the store at `ref.key` on a miss. The
@@ -92,7 +101,18 @@ class Engine:
                 self._loading.pop(ref, None)
 
     def release(self, residents: Sequence[Resident]) -> None:
-        self.pool.release([r.slot for r in residents])
+        self.pool.release([r.slot for r in residents if r.slot != 0])
+
+    def base_resident(self) -> Resident:
+        """The frozen base as a resident: slot 0 (no LoRA) and a one-output zero head whose
+        predictions are empty, for rows that only want their pooled embedding (embeddings of
+        the base). It rides in mixed batches like any adapter; nothing is loaded or held."""
+        if self._base_resident is None:
+            like = {"device": self.base.device, "dtype": self.base.dtype}
+            head = LinearHead(torch.zeros(1, self.base.hidden_size, **like), torch.zeros(1, **like))
+            ref = AdapterRef(adapter_id="", version=0, name="base")
+            self._base_resident = Resident(ref, 0, ServedHead(_PooledOnly(), head))  # type: ignore[arg-type]
+        return self._base_resident
 
     def run(self, residents: Sequence[Resident], texts: Sequence[str]) -> list[RowResult]:
         """Row i of `texts` through adapter residents[i]; all rows in one base forward pass."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from loradock.adapters.tasks.probe import LinearHead, fit_probe
+from loradock.adapters.tasks.probe import DEFAULT_C, LinearHead, fit_linear, fit_probe, l2_for
 
 if TYPE_CHECKING:
     from loradock.adapters.training.data import Dataset, Example, Problem
@@ -89,6 +89,12 @@ class Task(ABC):
             return True
         return a > b if cls.higher_is_better else a < b
 
+    @classmethod
+    def tie_tolerance(cls, n_validation: int) -> float:
+        """Decision-metric differences at most this small are ties (decided by validation
+        loss): a difference the validation set cannot resolve."""
+        return 0.0
+
     # --- state ---------------------------------------------------------------------------------
 
     @classmethod
@@ -140,15 +146,31 @@ class Task(ABC):
         x: torch.Tensor,  # [n, hidden] frozen pooled embeddings of the training rows
         y: torch.Tensor,  # [n] from `targets`
         *,
-        strata: Sequence[str],
+        examples: Sequence[Example],  # the rows of x, for folds and metrics
         class_weight: torch.Tensor | None = None,
         seed: int = 0,
     ) -> tuple[LinearHead, dict[str, Any]]:
         """The cheaper alternative LoRA must beat, as a head on the frozen embeddings, and what
-        it is (`kind` and its settings). Default: a linear probe whose L2 strength is chosen by
-        stratified cross-validation on the training rows."""
-        head, l2 = fit_probe(x, y, self, strata=strata, class_weight=class_weight, seed=seed)
-        return head, {"kind": "linear_probe", "l2": l2}
+        it is (`kind` and its settings). Default: a logistic/linear regression on standardized
+        embeddings whose C is chosen by stratified cross-validation on the training rows."""
+        head, settings = fit_probe(
+            x, y, self, examples=examples, class_weight=class_weight, seed=seed
+        )
+        return head, {"kind": "linear_probe", **settings}
+
+    def refit_baseline(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        settings: Mapping[str, Any],
+        *,
+        class_weight: torch.Tensor | None = None,
+    ) -> LinearHead:
+        """The baseline with already chosen `settings` (from `fit_baseline`), fit on (x, y):
+        how a chosen probe is refit on every row before it is served."""
+        c = float(settings.get("C", DEFAULT_C))
+        return fit_linear(x, y, self, l2=l2_for(c, len(y)), class_weight=class_weight,
+                          standardize=bool(settings.get("standardized", True)))  # fmt: skip
 
     @abstractmethod
     def metrics(self, outputs: torch.Tensor, examples: Sequence[Example]) -> dict[str, Any]:

@@ -76,6 +76,12 @@ class Classification(Task):
         ]  # fmt: skip
 
     @classmethod
+    def tie_tolerance(cls, n_validation: int) -> float:
+        """One validation text's worth of accuracy: macro-F1 differences this small are what
+        one or two texts flip on a small validation set."""
+        return 1.0 / max(n_validation, 1)
+
+    @classmethod
     def strata(cls, examples: Sequence[Example]) -> list[str]:
         return [str(e.label) for e in examples]
 

@@ -85,6 +85,10 @@ class TrainOutcome:
         return served_metrics(self.metrics, self.baseline, self.winner)
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 class Diverged(Exception):
     pass
 
@@ -165,7 +169,10 @@ class Trainer:
                 )
                 out.stop_reason = res["stop_reason"]
                 out.reference_texts = [e.text for e in splits[0][1]]
-                self._pick_winner(out, res["probe_head"])
+                self._pick_winner(out, res["probe_head"], hp, len(splits[0][1]))
+                if out.winner == "probe" and validation is None:
+                    self._refit_probe(out, splits[0][0] + splits[0][1], hp, embeddings)
+                    out.reference_outputs = res["oof"]["probe"]  # out-of-sample, as with LoRA
             report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
             out.status = "succeeded"
         except Cancelled:
@@ -235,7 +242,7 @@ class Trainer:
         x_tr = torch.stack([emb[e.text] for e in tr])
         y_tr = task.targets(tr)
         probe_head, baseline = task.fit_baseline(
-            x_tr, y_tr, strata=type(task).strata(tr), class_weight=class_weight, seed=hp.seed
+            x_tr, y_tr, examples=tr, class_weight=class_weight, seed=hp.seed
         )
         baseline["seconds"] = round(time.perf_counter() - t0, 3)
         probe_outputs = None
@@ -243,10 +250,16 @@ class Trainer:
             probe_outputs = probe_head(torch.stack([emb[e.text] for e in va])).float().cpu()
             baseline.update(task.summary(task.metrics(probe_outputs, va)))
         cb.on_event({"type": "baseline", "baseline": baseline, **(tag or {})})
-        init_head = fit_linear(x_tr, y_tr, task, l2=hp.init_head_l2, class_weight=class_weight)
-        res = self._train_lora(
-            tr, va, hp, init_head, out, cb, class_weight, fixed_epochs, tag or {}
-        )
+        if hp.serve == "probe":  # nothing to compare with: no LoRA is trained
+            res: dict[str, Any] = {
+                "lora": None, "head": probe_head, "history": [], "metrics": {},
+                "stop_reason": "max_epochs", "best_epoch": 0,
+            }  # fmt: skip
+        else:
+            init_head = fit_linear(x_tr, y_tr, task, l2=hp.init_head_l2, class_weight=class_weight)
+            res = self._train_lora(
+                tr, va, hp, init_head, out, cb, class_weight, fixed_epochs, tag or {}
+            )
         res["baseline"] = baseline
         res["probe_head"] = probe_head
         res["oof"] = {"probe": probe_outputs, "lora": res.pop("val_outputs", None)}
@@ -495,32 +508,63 @@ class Trainer:
 
     # --- finishing -----------------------------------------------------------------------------
 
-    def _pick_winner(self, out: TrainOutcome, probe_head: LinearHead) -> None:
-        """Serve LoRA only when it beats the probe on the task's decision metric."""
+    def _pick_winner(
+        self, out: TrainOutcome, probe_head: LinearHead, hp: Hyperparameters, n_val: int
+    ) -> None:
+        """What the version serves: by default LoRA only when it beats the probe on the task's
+        decision metric; a tie (within `tie_tolerance`, e.g. one validation text) goes to the
+        lower validation loss. `serve` can ask for either one."""
         task = type(out.task)
         key = task.decision_metric
         lora_score, probe_score = out.metrics.get(key), out.baseline.get(key)
-        better = (
-            lora_score is not None
-            and probe_score is not None
-            and out.metrics.get("best_epoch", 0) > 0
-            and task.better(out.metrics, out.baseline)
-        )
-        if better:
-            out.winner = "lora"
-            out.winner_reason = (
-                f"LoRA {key} {lora_score:.4f} beats the linear probe's {probe_score:.4f}"
+        scores = f"LoRA {_fmt(lora_score)}, linear probe {_fmt(probe_score)}"
+        if hp.serve == "probe" or out.weights is None:
+            win, why = False, f"serve='probe': the linear probe alone ({key} {_fmt(probe_score)})"
+        elif hp.serve == "lora":
+            win, why = True, f"serve='lora' asked for LoRA ({key}: {scores})"
+        elif lora_score is None or probe_score is None or out.metrics.get("best_epoch", 0) <= 0:
+            win, why = False, f"LoRA never improved on its starting point ({key}: {scores})"
+        elif abs(lora_score - probe_score) <= task.tie_tolerance(n_val):
+            lora_loss, probe_loss = out.metrics.get("val_loss"), out.baseline.get("val_loss")
+            win = lora_loss is not None and (probe_loss is None or lora_loss < probe_loss)
+            why = (
+                f"{key} tied within {task.tie_tolerance(n_val):.4f} (one of {n_val} validation "
+                f"texts: {scores}); validation loss decides: LoRA {_fmt(lora_loss)}, "
+                f"probe {_fmt(probe_loss)}"
             )
         else:
-            out.winner = "probe"
-            out.winner_reason = (
-                f"the linear probe's {key} {probe_score} is at least as good as LoRA's "
-                f"{lora_score}; serving the probe alone (a head-only adapter)"
-            )
+            win = task.better(out.metrics, out.baseline)
+            why = f"{key}: {scores}"
+        out.winner = "lora" if win else "probe"
+        out.winner_reason = ("serving LoRA: " if win else "serving the linear probe (a head-only "
+                             "adapter): ") + why  # fmt: skip
+        if not win:
             out.weights = None
             out.head = probe_head
         if out.metrics.get("generalization_gap") is not None:
             out.report["generalization_gap"] = out.metrics.get("generalization_gap")
+
+    def _refit_probe(
+        self,
+        out: TrainOutcome,
+        rows: Sequence[Example],
+        hp: Hyperparameters,
+        emb: dict[str, torch.Tensor],
+    ) -> None:
+        """The chosen probe (its C) refit on every row before it is served: the validation rows
+        have done their job once the choice is made. (LoRA keeps its validated weights: a refit
+        would be an unvalidated model; with under SMALL_DATASET_ROWS rows, cross-validation
+        already trains the final LoRA on all rows.)"""
+        task = out.task
+        x = torch.stack([emb[e.text] for e in rows])
+        out.head = task.refit_baseline(
+            x, task.targets(rows), out.baseline,
+            class_weight=task.class_weight(rows, hp.class_weights),
+        )  # fmt: skip
+        out.report["probe_refit"] = (
+            f"the linear probe (C={out.baseline.get('C')}) was refit on all {len(rows)} rows "
+            "after it was chosen; its validation metrics are those of the fit on the training part"
+        )
 
     def _finish_cv(
         self,
@@ -552,7 +596,9 @@ class Trainer:
         )  # fmt: skip
         out.metrics = {k: v for k in keys if (v := mean_of(k, "metrics")) is not None}
         out.baseline = {k: v for k in keys if (v := mean_of(k, "baseline")) is not None}
-        out.baseline["kind"] = "linear_probe"
+        out.baseline.update(
+            {k: v for k, v in folds[-1]["baseline"].items() if not k.startswith(("val_", "cv_"))}
+        )
         all_rows = train.examples
         cb.on_event({"type": "final_fit", "epochs": max(1, epochs), "folds": len(folds)})
         final = self._fit_split(
@@ -561,15 +607,15 @@ class Trainer:
         out.history = [h for f in folds for h in f["history"]] + final["history"]
         out.metrics.update(
             {"best_epoch": epochs, "stop_reason": "max_epochs", "epochs_run": max(1, epochs),
-             "steps": final["metrics"]["steps"],
-             "trainable_parameters": final["metrics"]["trainable_parameters"]}
+             "steps": final["metrics"].get("steps", 0),
+             "trainable_parameters": final["metrics"].get("trainable_parameters", 0)}
         )  # fmt: skip
         out.stop_reason = "early_stopping" if epochs < hp.epochs else "max_epochs"
         out.metrics["stop_reason"] = out.stop_reason
         out.weights, out.head = final["lora"], final["head"]
-        self._pick_winner(out, final["probe_head"])
-        if epochs == 0:
-            out.winner = "probe"
+        if epochs == 0 and hp.serve == "best":
+            out.weights = None  # no epoch helped in any fold: the probe is served
+        self._pick_winner(out, final["probe_head"], hp, len(all_rows))
         kind = out.winner or "probe"
         texts: list[str] = []
         outputs: list[torch.Tensor] = []
