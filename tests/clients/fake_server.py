@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,8 @@ class Reply:
     events: list[tuple[str, dict]] | None = None  # server-sent events, then the stream ends
     break_stream: bool = False  # with events: promise more body than sent, then hang up
     delay: float = 0.0  # seconds before answering
+    # The body from the request; a (status, body) pair sets the status too.
+    compute: Callable[[Recorded], Any] | None = None
 
 
 @dataclass
@@ -140,18 +143,21 @@ class FakeServer:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 url = urlsplit(self.path)
+                recorded = Recorded(
+                    self.command,
+                    url.path,
+                    url.query,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    time.monotonic(),
+                )
                 with server._lock:
-                    server.requests.append(
-                        Recorded(
-                            self.command,
-                            url.path,
-                            url.query,
-                            {k.lower(): v for k, v in self.headers.items()},
-                            body,
-                            time.monotonic(),
-                        )
-                    )
+                    server.requests.append(recorded)
                 reply = server._next(self.command, url.path)
+                if reply.compute is not None:
+                    answer = reply.compute(recorded)
+                    status, answer = answer if isinstance(answer, tuple) else (reply.status, answer)
+                    reply = replace(reply, status=status, body=answer, compute=None)
                 time.sleep(reply.delay)
                 if reply.drop:
                     self.close_connection = True

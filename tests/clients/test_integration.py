@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import openai
 import pytest
 from loradock_client import (
     AuthenticationError,
@@ -104,6 +106,38 @@ def test_client_and_cli_drive_a_real_server(tmp_path):
         r = cli("predict", "tickets", "late package delivery", "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["predictions"][0]["label"] in LABELS
+
+        # more texts than one request takes (the server's limit is 256): split, in order
+        many = [f"{'refund my card' if i % 2 else 'password login error'} {i}" for i in range(300)]
+        batch = c.predict("tickets", many, batch_size=64)
+        assert batch.version == 1
+        assert len(batch.predictions) == 300
+        assert c.predict("tickets", many[:4]).labels == batch.labels[:4]
+        rows = [{"id": i, "text": t} for i, t in enumerate(many)]
+        source = write_jsonl(tmp_path / "many.jsonl", rows)
+        out = tmp_path / "scored.jsonl"
+        r = cli("predict", "tickets", "-f", source, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        scored = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [s["id"] for s in scored] == list(range(300))
+        assert [s["prediction"]["label"] for s in scored] == batch.labels
+
+        # embeddings through the real `openai` client (it asks for base64 by default)
+        oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.admin_key, max_retries=0)
+        texts = ["refund my card payment", "password login error"]
+        from_base = oai.embeddings.create(model="base", input=texts)
+        assert [d.index for d in from_base.data] == [0, 1]
+        assert from_base.usage.prompt_tokens > 0
+        vectors = np.array([d.embedding for d in from_base.data])
+        assert vectors.shape == (2, 384)
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+        floats = oai.embeddings.create(model="tickets", input=texts, encoding_format="float")
+        assert floats.model == "tickets"
+        adapted = np.array([d.embedding for d in floats.data])
+        assert np.allclose(np.linalg.norm(adapted, axis=1), 1.0, atol=1e-3)
+        assert ((adapted * vectors).sum(axis=1) > 0.8).all()  # LoRA stays near its base
+        with pytest.raises(openai.NotFoundError):
+            oai.embeddings.create(model="no-such-adapter", input=texts)
 
         # promote (CLI) and roll back (client): live_version follows, predict follows it
         r = cli("versions", "promote", "tickets", "2", "--json")

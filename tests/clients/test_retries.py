@@ -112,6 +112,16 @@ def test_a_retry_after_beyond_the_limit_is_raised_at_once():
     ("status", "error"), [(500, ServerError), (409, Conflict), (502, APIError), (504, APIError)]
 )
 def test_a_post_the_server_may_have_acted_on_is_not_retried(status, error):
+    cancel = "/v1/jobs/job_1/cancel"
+    with FakeServer() as server:
+        server.on("POST", cancel, Reply(status, problem(status, "nope")), Reply(202, samples.job()))
+        with client_for(server) as client, pytest.raises(error):
+            client.jobs.cancel("job_1")
+    assert len(server.hits("POST", cancel)) == 1
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_predict_changes_nothing_so_gateway_errors_are_retried(status):
     with FakeServer() as server:
         server.on(
             "POST",
@@ -119,9 +129,9 @@ def test_a_post_the_server_may_have_acted_on_is_not_retried(status, error):
             Reply(status, problem(status, "nope")),
             Reply(200, samples.prediction(["billing"])),
         )
-        with client_for(server) as client, pytest.raises(error):
-            client.predict("tickets", ["x"])
-    assert len(server.hits("POST", PREDICT)) == 1
+        with client_for(server) as client:
+            assert client.predict("tickets", ["x"]).labels == ["billing"]
+    assert len(server.hits("POST", PREDICT)) == 2
 
 
 def test_gateway_errors_are_retried_for_idempotent_requests():

@@ -149,7 +149,8 @@ def predict(
 ) -> Call[PredictionResult]:
     inputs = [texts] if isinstance(texts, str) else list(texts)
     body = {"inputs": inputs, "version": version}
-    return Call("POST", f"/v1/adapters/{seg(adapter)}/predict", one(PredictionResult), json=body)
+    path = f"/v1/adapters/{seg(adapter)}/predict"
+    return Call("POST", path, one(PredictionResult), json=body, read_only=True)
 
 
 def feedback(adapter: str, items: FeedbackItems) -> Call[FeedbackResult]:

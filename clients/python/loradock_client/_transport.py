@@ -83,7 +83,8 @@ class RetryPolicy:
     Semantics: a request is tried at most `max_attempts` times. It is retried when the server
     refused it before doing anything (429, 503: every method), when the connection could not be
     made (nothing was sent: every method), and on a broken connection, a read timeout or a
-    gateway 502/504 only for idempotent methods (GET, PUT, DELETE, HEAD, OPTIONS). The wait is
+    gateway 502/504 only for idempotent methods (GET, PUT, DELETE, HEAD, OPTIONS, and
+    predict's POST, which changes nothing). The wait is
     the server's Retry-After plus up to `backoff` seconds of jitter when it sent one (a
     Retry-After above `max_retry_after` is not waited for: the error is raised at once), else
     "equal jitter" backoff: half of min(max_backoff, backoff * 2**(n-1)) plus a random share of
@@ -159,6 +160,13 @@ class Call(Generic[T]):
     files: Mapping[str, tuple[str, bytes, str]] | None = None
     data: Mapping[str, str] | None = None
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    # A POST that changes nothing a repeat could double (predict): retried like a GET.
+    read_only: bool = False
+
+    @property
+    def retry_method(self) -> str:
+        """The method the retry policy treats this call as."""
+        return "GET" if self.read_only else self.method
 
     def request_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}

@@ -30,6 +30,12 @@ from loradock_client._transport import (
     retry_delay,
     stream_timeout,
 )
+from loradock_client.batching import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    ProgressHook,
+    apredict_all,
+)
 from loradock_client.errors import StreamInterrupted
 from loradock_client.models import (
     Adapter,
@@ -86,9 +92,19 @@ class AsyncClient:
         self.keys = AsyncKeys(self)
 
     async def predict(
-        self, adapter: str, texts: str | Sequence[str], version: int | None = None
+        self,
+        adapter: str,
+        texts: str | Sequence[str],
+        version: int | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_progress: ProgressHook | None = None,
     ) -> PredictionResult:
-        return await self.adapters.predict(adapter, texts, version=version)
+        return await self.adapters.predict(
+            adapter, texts, version=version, batch_size=batch_size, concurrency=concurrency,
+            on_progress=on_progress,
+        )  # fmt: skip
 
     async def health(self) -> bool:
         try:
@@ -140,14 +156,14 @@ class AsyncClient:
                     await response.aread()
                     await response.aclose()
             except httpx.TransportError as exc:
-                delay = self.retry.delay_after_error(call.method, exc, attempt)
+                delay = self.retry.delay_after_error(call.retry_method, exc, attempt)
                 if delay is None:
                     raise connection_failed(call.method, url, exc, attempt) from exc
                 await self._pause(RetryEvent(call.method, url, attempt, delay, describe_error(exc)))
                 continue
             if response.is_success:
                 return response
-            delay, error = retry_delay(self.retry, call.method, response, attempt)
+            delay, error = retry_delay(self.retry, call.retry_method, response, attempt)
             if delay is None:
                 raise error
             reason = f"{response.status_code} {response.reason_phrase}"
@@ -248,9 +264,22 @@ class AsyncAdapters(_AsyncResource):
         await self._client._call(_calls.delete_adapter(adapter))
 
     async def predict(
-        self, adapter: str, texts: str | Sequence[str], version: int | None = None
+        self,
+        adapter: str,
+        texts: str | Sequence[str],
+        version: int | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_progress: ProgressHook | None = None,
     ) -> PredictionResult:
-        return await self._client._call(_calls.predict(adapter, texts, version))
+        """See `Adapters.predict`: any number of texts, split into requests."""
+        if isinstance(texts, str) or len(texts) <= batch_size:
+            return await self._client._call(_calls.predict(adapter, texts, version))
+        return await apredict_all(
+            self._client, adapter, texts, version=version, batch_size=batch_size,
+            concurrency=concurrency, on_progress=on_progress,
+        )  # fmt: skip
 
     async def feedback(self, adapter: str, items: FeedbackItems) -> FeedbackResult:
         return await self._client._call(_calls.feedback(adapter, items))

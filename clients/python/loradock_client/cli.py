@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--file", "-f", help="texts: one per line, JSONL with text, or CSV ('-': stdin)")
     p.add_argument("--version", type=int, help="a ready version [the live one]")
+    p.add_argument(
+        "--output", "-o", help="write JSONL (each row + prediction + version) here, with progress"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="texts per request [64]")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight [4]")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
     p = leaf(top, "feedback", cmd_feedback, "send true labels (for live accuracy)")
     p.add_argument("adapter")

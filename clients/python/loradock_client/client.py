@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -30,6 +30,13 @@ from loradock_client._transport import (
     retry_delay,
     stream_timeout,
 )
+from loradock_client.batching import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    ProgressHook,
+    predict_all,
+    predict_chunks,
+)
 from loradock_client.errors import StreamInterrupted
 from loradock_client.models import (
     Adapter,
@@ -40,6 +47,7 @@ from loradock_client.models import (
     Key,
     MonitoringReport,
     OnConflict,
+    Prediction,
     PredictionResult,
     Promote,
     Task,
@@ -92,10 +100,20 @@ class Client:
         self.keys = Keys(self)
 
     def predict(
-        self, adapter: str, texts: str | Sequence[str], version: int | None = None
+        self,
+        adapter: str,
+        texts: str | Sequence[str],
+        version: int | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_progress: ProgressHook | None = None,
     ) -> PredictionResult:
         """Same as `adapters.predict`."""
-        return self.adapters.predict(adapter, texts, version=version)
+        return self.adapters.predict(
+            adapter, texts, version=version, batch_size=batch_size, concurrency=concurrency,
+            on_progress=on_progress,
+        )  # fmt: skip
 
     def health(self) -> bool:
         """True when the server process answers /healthz (no retries)."""
@@ -150,14 +168,14 @@ class Client:
                     response.read()
                     response.close()
             except httpx.TransportError as exc:
-                delay = self.retry.delay_after_error(call.method, exc, attempt)
+                delay = self.retry.delay_after_error(call.retry_method, exc, attempt)
                 if delay is None:
                     raise connection_failed(call.method, url, exc, attempt) from exc
                 self._pause(RetryEvent(call.method, url, attempt, delay, describe_error(exc)))
                 continue
             if response.is_success:
                 return response
-            delay, error = retry_delay(self.retry, call.method, response, attempt)
+            delay, error = retry_delay(self.retry, call.retry_method, response, attempt)
             if delay is None:
                 raise error
             reason = f"{response.status_code} {response.reason_phrase}"
@@ -264,10 +282,47 @@ class Adapters(_Resource):
         self._client._call(_calls.delete_adapter(adapter))
 
     def predict(
-        self, adapter: str, texts: str | Sequence[str], version: int | None = None
+        self,
+        adapter: str,
+        texts: str | Sequence[str],
+        version: int | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_progress: ProgressHook | None = None,
     ) -> PredictionResult:
-        """Predict with the live version (or `version`); predictions come in input order."""
-        return self._client._call(_calls.predict(adapter, texts, version))
+        """Predict with the live version (or `version`); predictions come in input order.
+
+        Any number of texts: more than `batch_size` go out as requests of `batch_size`, up to
+        `concurrency` in flight, all served by the version that answered the first one (see
+        `loradock_client.batching`); `on_progress` hears each answered request."""
+        if isinstance(texts, str) or len(texts) <= batch_size:
+            return self._client._call(_calls.predict(adapter, texts, version))
+        return predict_all(
+            self._client, adapter, texts, version=version, batch_size=batch_size,
+            concurrency=concurrency, on_progress=on_progress,
+        )  # fmt: skip
+
+    def predict_iter(
+        self,
+        adapter: str,
+        texts: Iterable[str],
+        version: int | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        total: int | None = None,
+        on_progress: ProgressHook | None = None,
+    ) -> Iterator[tuple[str, Prediction, int]]:
+        """(text, prediction, version) for every text of a possibly lazy iterable (a file of
+        100k lines), in input order, as the answers arrive; memory stays bounded by
+        `batch_size * concurrency`."""
+        for chunk, result in predict_chunks(
+            self._client, adapter, texts, version=version, batch_size=batch_size,
+            concurrency=concurrency, total=total, on_progress=on_progress,
+        ):  # fmt: skip
+            for text, prediction in zip(chunk, result.predictions, strict=True):
+                yield text, prediction, result.version
 
     def feedback(self, adapter: str, items: FeedbackItems) -> FeedbackResult:
         """True labels for texts (dicts `{"text","label"}` or `(text, label)` pairs)."""

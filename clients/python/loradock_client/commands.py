@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from loradock_client import render
+from loradock_client.batching import BatchProgress
 from loradock_client.client import Client
 from loradock_client.models import JobEvent, TrainingResult
 from loradock_client.progress import ProgressDisplay
@@ -51,22 +52,26 @@ def emit(args: argparse.Namespace, value: Any, text: str | Callable[[], str]) ->
 # --- inputs ---------------------------------------------------------------------------------------
 
 
-def read_texts(path: str) -> list[str]:
-    """Texts from a file ('-' = stdin): JSONL rows with "text", a CSV with a text column, or one
-    text per line."""
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Rows with a "text" from a file ('-' = stdin): JSONL rows with "text" (other fields kept),
+    a CSV with a text column, or one text per line."""
     try:
         content = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return [str(r["text"]) for r in _jsonl_rows(content, path)]
+        rows = _jsonl_rows(content, path)
+        for n, row in enumerate(rows, 1):
+            if "text" not in row:
+                raise UsageError(f"{path}: row {n} has no 'text'")
+        return rows
     if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(content)))
-        if rows and "text" not in rows[0]:
+        table: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(content)))
+        if table and "text" not in table[0]:
             raise UsageError(f"{path}: a CSV needs a 'text' column")
-        return [r["text"] for r in rows]
-    return [line for line in content.splitlines() if line.strip()]
+        return table
+    return [{"text": line} for line in content.splitlines() if line.strip()]
 
 
 def read_labelled(path: str) -> list[dict[str, Any]]:
@@ -269,11 +274,62 @@ def cmd_adapters_import(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_predict(client: Client, args: argparse.Namespace) -> int:
-    texts = list(args.texts) + (read_texts(args.file) if args.file else [])
-    if not texts:
+    rows = [{"text": t} for t in args.texts] + (read_rows(args.file) if args.file else [])
+    if not rows:
         raise UsageError("give texts as arguments or --file FILE")
-    result = client.predict(args.adapter, texts, version=args.version)
+    if args.batch_size < 1 or args.concurrency < 1:
+        raise UsageError("--batch-size and --concurrency must be at least 1")
+    if args.output:
+        return predict_to_file(client, args, rows, Path(args.output))
+    texts = [str(r["text"]) for r in rows]
+    result = client.predict(
+        args.adapter, texts, version=args.version, batch_size=args.batch_size,
+        concurrency=args.concurrency,
+    )  # fmt: skip
     emit(args, result, lambda: render.predictions_table(result, texts))
+    return EXIT_OK
+
+
+def predict_to_file(
+    client: Client, args: argparse.Namespace, rows: list[dict[str, Any]], target: Path
+) -> int:
+    """Every row with its prediction as JSONL: the input row's fields, then `prediction` and
+    `version`. Written to `<output>.partial` and renamed when complete, so a failed run never
+    leaves a file that looks finished; progress goes to stderr."""
+    partial = target.with_name(target.name + ".partial")
+    total = len(rows)
+    last = [0.0]
+
+    def progress(p: BatchProgress) -> None:
+        if args.quiet or (p.seconds - last[0] < 1.0 and p.done < total):
+            return
+        last[0] = p.seconds
+        print(f"\rpredicted {p.done:,}/{total:,} texts ({p.per_second:,.0f}/s)", end="",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    written = 0
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            answers = client.adapters.predict_iter(
+                args.adapter, (str(r["text"]) for r in rows), args.version,
+                batch_size=args.batch_size, concurrency=args.concurrency, total=total,
+                on_progress=progress,
+            )  # fmt: skip
+            for row, (_, prediction, version) in zip(rows, answers, strict=True):
+                record = {**row, "prediction": plain(prediction), "version": version}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+    except BaseException:
+        if not args.quiet:
+            print(file=sys.stderr)
+        print(f"stopped after {written:,} of {total:,} rows; what was written is in {partial}",
+              file=sys.stderr)  # fmt: skip
+        raise
+    partial.replace(target)
+    if not args.quiet:
+        print(file=sys.stderr)
+    summary = {"output": str(target), "rows": written}
+    emit(args, summary, f"wrote {written:,} predictions to {target}")
     return EXIT_OK
 
 
