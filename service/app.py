@@ -12,7 +12,16 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
-from loradock.service.api import adapters, health, jobs, monitoring, oip, predict, tenants
+from loradock.service.api import (
+    adapters,
+    embeddings,
+    health,
+    jobs,
+    monitoring,
+    oip,
+    predict,
+    tenants,
+)
 from loradock.service.batcher import MicroBatcher
 from loradock.service.dataplane import DataPlane, LiveVersions
 from loradock.service.errors import UnhandledErrorMiddleware, install_error_handlers
@@ -111,6 +120,7 @@ def create_app(
     app.include_router(adapters.router)
     app.include_router(jobs.router)
     app.include_router(predict.router)
+    app.include_router(embeddings.router)
     app.include_router(oip.router)
     app.include_router(monitoring.router)
     _document_manual_bodies(app)

@@ -209,6 +209,26 @@ class DataPlane:
             predictions.append(prediction)
         return Answer(ref=ref, task=task, predictions=predictions, rows=rows)
 
+    async def embed(
+        self, tenant_id: str, adapter: str | None, texts: Sequence[str]
+    ) -> tuple[AdapterRef | None, list[RowResult]]:
+        """Pooled embeddings of texts from the frozen base (`adapter` None) or from an adapter's
+        live version (its LoRA-adapted encoder), through the same batcher, limits and metrics as
+        predict. Embedding traffic is not prediction traffic: it is kept out of drift windows."""
+        if adapter is not None:
+            answer = await self.predict(
+                tenant_id, adapter, None, texts, protocol="embeddings", observe=False
+            )
+            return answer.ref, answer.rows
+        texts = list(texts)
+        with self.metrics_for("embeddings", len(texts)):
+            self.rate_limiter.take(tenant_id)
+            self.check_inputs(texts)
+            ids = await asyncio.to_thread(self.engine.base.encode, texts)
+            self.check_tokens(ids)
+            rows = await self._run(self.engine.base_resident(), ids, tenant_id)
+        return None, rows
+
     async def task_of(self, tenant_id: str, adapter: str, version: int | None) -> Answer:
         """The resolved version and its task, without predicting (model metadata routes)."""
         ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, version)

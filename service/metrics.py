@@ -98,8 +98,8 @@ class Metrics:
         # --- serving (no adapter label on any of these) --------------------------------------
         self.predict_requests = Counter(
             "loradock_predict_requests",
-            "Predict requests answered, by protocol (v1, v2, or feedback: texts predicted to "
-            "score their true labels).",
+            "Predict requests answered, by protocol (v1, v2, embeddings, or feedback: texts "
+            "predicted to score their true labels).",
             ["protocol"],
             registry=r,
         )

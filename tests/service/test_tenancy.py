@@ -35,6 +35,7 @@ SCOPES = {
     ("POST", "/v1/adapters/{adapter}/versions/{version}/promote"): "train",
     ("GET", "/v1/adapters/{adapter}/download"): "predict",
     ("POST", "/v1/adapters/{adapter}/predict"): "predict",
+    ("POST", "/v1/embeddings"): "predict",
     ("POST", "/v1/adapters/{adapter}/feedback"): "predict",
     ("GET", "/v1/adapters/{adapter}/monitoring"): "predict",
     ("GET", "/v1/jobs"): "predict",
