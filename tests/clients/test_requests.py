@@ -179,3 +179,40 @@ def test_download_writes_the_servers_filename_and_import_uploads_it(server, clie
     form = server.hits("POST", "/v1/adapters/import")[0].form()
     assert form == {"file": ("tickets-v2.zip", zipped, "application/zip")}
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_a_pandas_dataframe_is_sent_as_rows_without_its_missing_values(server, client):
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "text": ["refund my card", "reset password", "parcel late"],
+            "label": np.array([0, 1, 2], dtype=np.int64),  # label ids, as numpy integers
+            "group": ["eu", None, float("nan")],
+        }
+    )
+    server.on("POST", "/v1/adapters", Reply(202, STARTED))
+    client.adapters.create("tickets", training_data=frame, validation_data=frame.head(2),
+                           wait=False)  # fmt: skip
+    (sent,) = server.hits("POST", "/v1/adapters")
+    body = sent.json()
+    assert body["training_data"] == [
+        {"text": "refund my card", "label": 0, "group": "eu"},
+        {"text": "reset password", "label": 1},
+        {"text": "parcel late", "label": 2},
+    ]
+    assert body["validation_data"] == body["training_data"][:2]
+
+
+def test_a_dataframe_beside_a_file_goes_as_jsonl(server, client, tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    server.on("POST", "/v1/adapters", Reply(202, STARTED))
+    client.adapters.create("tickets", training_file=path, validation_data=pd.DataFrame(ROWS),
+                           wait=False)  # fmt: skip
+    (sent,) = server.hits("POST", "/v1/adapters")
+    _, content, _ = sent.form()["validation_file"]
+    assert [json.loads(line) for line in content.decode().splitlines()] == ROWS

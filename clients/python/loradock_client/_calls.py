@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,34 @@ def raw(r: httpx.Response) -> httpx.Response:
 # --- training -------------------------------------------------------------------------------------
 
 
+def as_rows(data: Any) -> list[dict[str, Any]]:
+    """Training rows from what data scientists hold: a sequence of mappings, a pandas or polars
+    DataFrame, or a Hugging Face `datasets.Dataset` (recognised by their methods, so none of
+    them is a dependency). Missing values (None, NaN) are left out of their row; numpy scalars
+    become plain numbers."""
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas
+        records = data.to_dict(orient="records")
+    elif hasattr(data, "to_dicts"):  # polars
+        records = data.to_dicts()
+    elif hasattr(data, "to_list") and hasattr(data, "column_names"):  # datasets.Dataset
+        records = data.to_list()
+    else:
+        records = list(data)
+    return [{str(k): _plain(v) for k, v in dict(r).items() if not _missing(v)} for r in records]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()  # a numpy scalar
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()  # a numpy array (multi-label lists)
+    return value
+
+
 def _jsonl(rows: Rows) -> bytes:
     return "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows).encode()
 
@@ -86,10 +115,11 @@ def training_call(
     if validation_data is not None and validation_file is not None:
         raise TypeError("pass at most one of validation_data or validation_file")
     parse = one(TrainingResult)
+    train_rows = as_rows([] if training_data is None else training_data)
     if training_file is None and validation_file is None:
-        body: dict[str, Any] = {**fields, "training_data": [dict(r) for r in training_data or []]}
+        body: dict[str, Any] = {**fields, "training_data": train_rows}
         if validation_data is not None:
-            body["validation_data"] = [dict(r) for r in validation_data]
+            body["validation_data"] = as_rows(validation_data)
         if validation_split is not None:
             body["validation_split"] = validation_split
         if hyperparameters:
@@ -100,14 +130,14 @@ def training_call(
     files = {
         "training_file": _upload(training_file)
         if training_file is not None
-        else ("training.jsonl", _jsonl(training_data or []), "application/x-ndjson")
+        else ("training.jsonl", _jsonl(train_rows), "application/x-ndjson")
     }
     if validation_file is not None:
         files["validation_file"] = _upload(validation_file)
     elif validation_data is not None:
         files["validation_file"] = (
             "validation.jsonl",
-            _jsonl(validation_data),
+            _jsonl(as_rows(validation_data)),
             "application/x-ndjson",
         )
     data = dict(fields)
