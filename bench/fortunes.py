@@ -37,17 +37,24 @@ def make_split(
     exclude: tuple[str, ...] = (),
 ) -> tuple[list[dict], list[dict]]:
     """Rows {"text","label"} from the n_classes largest categories, disjoint train/validation."""
-    cats = load_categories()
-    need = train_per_class + val_per_class
-    names = [c for c in sorted(cats, key=lambda c: -len(cats[c])) if c not in exclude]
-    names = [c for c in names if len(cats[c]) >= need][:n_classes]
+    cats = {c: quotes for c, quotes in load_categories().items() if c not in exclude}
+    return per_class_split(cats, n_classes, train_per_class, val_per_class, seed)
+
+
+def per_class_split(
+    pools: dict[str, list[str]], n_classes: int, first: int, second: int, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Rows {"text","label"} of the n_classes largest pools that hold first + second distinct
+    texts: `first` per class in one part, the next `second` in the other, both shuffled."""
+    need = first + second
+    names = [c for c in sorted(pools, key=lambda c: (-len(pools[c]), c)) if len(pools[c]) >= need]
     rng = random.Random(seed)
-    train, val = [], []
-    for c in names:
-        quotes = cats[c][:]
-        rng.shuffle(quotes)
-        train += [{"text": t, "label": c} for t in quotes[:train_per_class]]
-        val += [{"text": t, "label": c} for t in quotes[train_per_class:need]]
-    rng.shuffle(train)
-    rng.shuffle(val)
-    return train, val
+    one, two = [], []
+    for c in names[:n_classes]:
+        texts = sorted(set(pools[c]))
+        rng.shuffle(texts)
+        one += [{"text": t, "label": c} for t in texts[:first]]
+        two += [{"text": t, "label": c} for t in texts[first:need]]
+    rng.shuffle(one)
+    rng.shuffle(two)
+    return one, two

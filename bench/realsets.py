@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
-from fortunes import load_categories
+from fortunes import load_categories, per_class_split
 
 WORDNET = Path("/usr/share/wordnet/data.noun")
 CACHE = Path.home() / ".cache" / "loradock-bench"
@@ -39,26 +39,9 @@ NOUN_LEXNAMES = {
 }  # fmt: skip
 
 
-def _per_class(
-    pools: dict[str, list[str]], n_classes: int, train: int, test: int, seed: int
-) -> tuple[list[dict], list[dict]]:
-    need = train + test
-    names = [c for c in sorted(pools, key=lambda c: (-len(pools[c]), c)) if len(pools[c]) >= need]
-    rng = random.Random(seed)
-    tr, te = [], []
-    for c in names[:n_classes]:
-        texts = sorted(set(pools[c]))
-        rng.shuffle(texts)
-        tr += [{"text": t, "label": c} for t in texts[:train]]
-        te += [{"text": t, "label": c} for t in texts[train:need]]
-    rng.shuffle(tr)
-    rng.shuffle(te)
-    return tr, te
-
-
 def topic(seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Fortunes, 17 categories, 30 training and 15 test quotes each (510 / 255)."""
-    return _per_class(load_categories(), 17, 30, 15, seed)
+    return per_class_split(load_categories(), 17, 30, 15, seed)
 
 
 def glosses(seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -74,7 +57,7 @@ def glosses(seed: int = 0) -> tuple[list[dict], list[dict]]:
         definition = gloss.split(";")[0].strip()  # the definition, without usage examples
         if lex in NOUN_LEXNAMES and 20 <= len(definition) <= 300:
             pools[NOUN_LEXNAMES[lex]].append(definition)
-    return _per_class(pools, 20, 25, 15, seed)
+    return per_class_split(pools, 20, 25, 15, seed)
 
 
 def _name_data() -> list[tuple[str, str, list[str]]]:

@@ -185,10 +185,7 @@ class DataPlane:
         once the version's task is known, before any compute."""
         texts = list(texts)
         with self.metrics_for(protocol, len(texts)):
-            self.rate_limiter.take(tenant_id)
-            self.check_inputs(texts)
-            ids = await asyncio.to_thread(self.engine.base.encode, texts)
-            self.check_tokens(ids)
+            ids = await self._admit(tenant_id, texts)
             ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, version)
             resident = await self._acquire(ref)
             try:
@@ -222,10 +219,7 @@ class DataPlane:
             return answer.ref, answer.rows
         texts = list(texts)
         with self.metrics_for("embeddings", len(texts)):
-            self.rate_limiter.take(tenant_id)
-            self.check_inputs(texts)
-            ids = await asyncio.to_thread(self.engine.base.encode, texts)
-            self.check_tokens(ids)
+            ids = await self._admit(tenant_id, texts)
             rows = await self._run(self.engine.base_resident(), ids, tenant_id)
         return None, rows
 
@@ -235,6 +229,14 @@ class DataPlane:
         resident = await self._acquire(ref)
         self.engine.release([resident])
         return Answer(ref=ref, task=resident.state.task, predictions=[], rows=[])
+
+    async def _admit(self, tenant_id: str, texts: Sequence[str]) -> list[list[int]]:
+        """Rate limit, input checks, tokenizing once, the token limit: every text's way in."""
+        self.rate_limiter.take(tenant_id)
+        self.check_inputs(texts)
+        ids = await asyncio.to_thread(self.engine.base.encode, texts)
+        self.check_tokens(ids)
+        return ids
 
     def check_inputs(self, texts: Sequence[str]) -> None:
         s = self.settings

@@ -101,12 +101,13 @@ class Engine:
                 self._loading.pop(ref, None)
 
     def release(self, residents: Sequence[Resident]) -> None:
-        self.pool.release([r.slot for r in residents if r.slot != 0])
+        self.pool.release([r.slot for r in residents])
 
     def base_resident(self) -> Resident:
         """The frozen base as a resident: slot 0 (no LoRA) and a one-output zero head whose
         predictions are empty, for rows that only want their pooled embedding (embeddings of
-        the base). It rides in mixed batches like any adapter; nothing is loaded or held."""
+        the base). It rides in mixed batches like any adapter; nothing is loaded or held, so it is
+        never acquired nor released."""
         if self._base_resident is None:
             like = {"device": self.base.device, "dtype": self.base.dtype}
             head = LinearHead(torch.zeros(1, self.base.hidden_size, **like), torch.zeros(1, **like))

@@ -61,19 +61,17 @@ def fit_linear(
     class_weight: torch.Tensor | None = None,
     max_iter: int = 100,
     standardize: bool = False,
-    init: LinearHead | None = None,
 ) -> LinearHead:
     """Minimise the task's mean loss + l2 * |W|^2 over a [n_outputs, hidden] linear head.
 
     With `standardize`, the fit runs on standardized features (the penalty then treats every
-    dimension alike) and the returned head takes raw features. `init` warm-starts it (a head on
-    the same standardized scale, as returned through `_fit_standardized`)."""
+    dimension alike) and the returned head takes raw features."""
     x = x.detach().float().cpu().clone()  # a normal tensor even if x came from inference_mode
     y = y.detach().cpu()
     if not standardize:
-        return _lbfgs(x, y, task, l2, class_weight, max_iter, init)
+        return _lbfgs(x, y, task, l2, class_weight, max_iter)
     mean, scale = _moments(x)
-    head = _lbfgs((x - mean) / scale, y, task, l2, class_weight, max_iter, init)
+    head = _lbfgs((x - mean) / scale, y, task, l2, class_weight, max_iter)
     return _unstandardize(head, mean, scale)
 
 
@@ -95,7 +93,7 @@ def _lbfgs(
     l2: float,
     class_weight: torch.Tensor | None,
     max_iter: int,
-    init: LinearHead | None,
+    init: LinearHead | None = None,
 ) -> LinearHead:
     if init is not None:
         w = init.weight.detach().clone().requires_grad_(True)
@@ -156,7 +154,7 @@ def fit_probe(
         if bool(held.any()) and not bool(held.all()):
             mean, scale = _moments(x[~held])
             parts.append((held, (x[~held] - mean) / scale, (x[held] - mean) / scale))
-    best: tuple[float, dict[str, Any]] | None = None
+    best: dict[str, Any] | None = None
     warm: dict[int, LinearHead] = {}
     # Strong to weak regularization, each fold warm-started from the previous C's solution.
     for c in C_GRID:
@@ -171,9 +169,9 @@ def fit_probe(
         if not isinstance(score, int | float) or not math.isfinite(score):
             continue
         candidate = {"C": c, "cv_folds": len(parts), f"cv_{key[4:]}": score, "cv_loss": loss}
-        if best is None or _better(task, candidate, best[1], key):
-            best = (c, candidate)
-    chosen = best[1] if best is not None else {"C": DEFAULT_C}
+        if best is None or _better(task, candidate, best, key):
+            best = candidate
+    chosen = best if best is not None else {"C": DEFAULT_C}
     head = fit_linear(x, y, task, l2=l2_for(chosen["C"], n), class_weight=class_weight,
                       standardize=True)  # fmt: skip
     return head, {**settings, **chosen}

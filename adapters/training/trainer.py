@@ -518,17 +518,18 @@ class Trainer:
         key = task.decision_metric
         lora_score, probe_score = out.metrics.get(key), out.baseline.get(key)
         scores = f"LoRA {_fmt(lora_score)}, linear probe {_fmt(probe_score)}"
+        tolerance = task.tie_tolerance(n_val)
         if hp.serve == "probe" or out.weights is None:
             win, why = False, f"serve='probe': the linear probe alone ({key} {_fmt(probe_score)})"
         elif hp.serve == "lora":
             win, why = True, f"serve='lora' asked for LoRA ({key}: {scores})"
         elif lora_score is None or probe_score is None or out.metrics.get("best_epoch", 0) <= 0:
             win, why = False, f"LoRA never improved on its starting point ({key}: {scores})"
-        elif abs(lora_score - probe_score) <= task.tie_tolerance(n_val):
+        elif abs(lora_score - probe_score) <= tolerance:
             lora_loss, probe_loss = out.metrics.get("val_loss"), out.baseline.get("val_loss")
             win = lora_loss is not None and (probe_loss is None or lora_loss < probe_loss)
             why = (
-                f"{key} tied within {task.tie_tolerance(n_val):.4f} (one of {n_val} validation "
+                f"{key} tied within {tolerance:.4f} (one of {n_val} validation "
                 f"texts: {scores}); validation loss decides: LoRA {_fmt(lora_loss)}, "
                 f"probe {_fmt(probe_loss)}"
             )

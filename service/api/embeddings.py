@@ -94,7 +94,7 @@ async def embeddings(
     tokens = sum(r.tokens for r in rows)
     return EmbeddingsResponse(
         data=data,
-        model=BASE if ref is None else f"{ref.name or ref.adapter_id}",
+        model=BASE if ref is None else ref.name or ref.adapter_id,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
 

@@ -45,6 +45,22 @@ class BatchProgress:
 ProgressHook = Callable[[BatchProgress], None]
 
 
+class _Tally:
+    """Counts answered texts and tells `on_progress` after each answer."""
+
+    def __init__(self, total: int | None, on_progress: ProgressHook | None) -> None:
+        self.total, self.on_progress = total, on_progress
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def add(self, result: PredictionResult) -> PredictionResult:
+        self.done += len(result.predictions)
+        if self.on_progress is not None:
+            elapsed = time.perf_counter() - self.started
+            self.on_progress(BatchProgress(self.done, self.total, elapsed))
+        return result
+
+
 def _check(batch_size: int, concurrency: int) -> None:
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -71,22 +87,13 @@ def predict_chunks(
 ) -> Iterator[tuple[list[str], PredictionResult]]:
     """(texts, their result) per request, in input order; `texts` may be a lazy iterable."""
     _check(batch_size, concurrency)
-    started = time.perf_counter()
-    done = 0
+    tally = _Tally(total, on_progress)
     chunks = chunked(texts, batch_size)
-
-    def report(result: PredictionResult) -> None:
-        nonlocal done
-        done += len(result.predictions)
-        if on_progress is not None:
-            on_progress(BatchProgress(done, total, time.perf_counter() - started))
-
     first = next(chunks, None)
     if first is None:
         return
-    result = client._call(_calls.predict(adapter, first, version))
+    result = tally.add(client._call(_calls.predict(adapter, first, version)))
     pinned = result.version
-    report(result)
     yield first, result
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="loradock-predict")
     window: deque[tuple[list[str], Future[PredictionResult]]] = deque()
@@ -96,14 +103,10 @@ def predict_chunks(
             window.append((chunk, pool.submit(client._call, call)))
             if len(window) >= concurrency:
                 chunk, future = window.popleft()
-                result = future.result()
-                report(result)
-                yield chunk, result
+                yield chunk, tally.add(future.result())
         while window:
             chunk, future = window.popleft()
-            result = future.result()
-            report(result)
-            yield chunk, result
+            yield chunk, tally.add(future.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -143,27 +146,16 @@ async def apredict_all(
     """`predict_all` for the asyncio client: the first request pins the version, the rest run
     with at most `concurrency` in flight."""
     _check(batch_size, concurrency)
-    started = time.perf_counter()
+    tally = _Tally(len(texts), on_progress)
     chunks = list(chunked(texts, batch_size))
     if not chunks:
         return PredictionResult(adapter=adapter, version=version or 0, predictions=[])
-    done = 0
-
-    def report(result: PredictionResult) -> None:
-        nonlocal done
-        done += len(result.predictions)
-        if on_progress is not None:
-            on_progress(BatchProgress(done, len(texts), time.perf_counter() - started))
-
-    first = await client._call(_calls.predict(adapter, chunks[0], version))
-    report(first)
+    first = tally.add(await client._call(_calls.predict(adapter, chunks[0], version)))
     gate = asyncio.Semaphore(concurrency)
 
     async def one(chunk: list[str]) -> PredictionResult:
         async with gate:
-            result = await client._call(_calls.predict(adapter, chunk, first.version))
-        report(result)
-        return result
+            return tally.add(await client._call(_calls.predict(adapter, chunk, first.version)))
 
     rest = await asyncio.gather(*(one(c) for c in chunks[1:]))
     predictions = list(first.predictions)
