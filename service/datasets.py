@@ -231,6 +231,10 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="loradock-parent-watch", daemon=True).start()
 
 
+def _started() -> None:
+    """A no-op run in the child: submitting it makes the pool spawn its process."""
+
+
 class DatasetWorker:
     """Runs `prepare` in a spawned child process (or inline with processes=0)."""
 
@@ -238,6 +242,16 @@ class DatasetWorker:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the child now, in the background: its imports (torch, ~4 s on a small CPU) then
+        overlap the base model's load instead of delaying the first upload."""
+        if self.processes <= 0:
+            return
+        try:
+            self._executor().submit(_started)
+        except (BrokenProcessPool, OSError, RuntimeError) as e:  # the first upload retries
+            log.warning("dataset worker could not start (%s)", e)
 
     def prepare(self, raw: bytes | Form, schema: str, task: str | None, limits: Limits) -> Prepared:
         """Blocking: call it from the thread pool, not the event loop."""

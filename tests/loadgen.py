@@ -24,6 +24,8 @@ REQUEST_TEXTS = [
     for t in ("my card was charged twice", "I cannot log in", "where is my parcel", "hello there")
 ]
 
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 @dataclass
 class Phase:
@@ -115,7 +117,14 @@ class Load:
             base_url=self.url,
             headers={"Authorization": f"Bearer {self.key}"},
             timeout=60.0,
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            # A pooled connection is dropped before the server's keep-alive timeout (5 s by
+            # default) can close it under a request being sent on it: httpx's own default expiry
+            # is also 5 s, a race that shows up as a rare ReadError that is the client's doing.
+            limits=httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+            ),
         )
 
     async def closed_loop(self, concurrency: int, seconds: float) -> Phase:

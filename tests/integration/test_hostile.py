@@ -83,8 +83,9 @@ def test_lone_surrogates_fail_only_their_own_requests(server):
 
 @pytest.mark.slow
 def test_a_huge_request_does_not_block_another_tenants_small_ones(tmp_path):
-    """The real default model: 256 texts of 10,000 characters (65,536 tokens) from one tenant,
-    1-text predicts from another meanwhile. Before fair passes: 46-54 s each."""
+    """The real default model: 128 texts of 10,000 characters (32,768 tokens, ~25 s of work on 2
+    CPU cores) from one tenant, 1-text predicts from another meanwhile. Before fair passes each of
+    those waited for the whole big request."""
     with ServerProcess(tmp_path / "data") as server:
         keys = two_tenants(server)
         big_done = threading.Event()
@@ -92,7 +93,7 @@ def test_a_huge_request_does_not_block_another_tenants_small_ones(tmp_path):
 
         def send_big():
             with server.client(keys["mallory"], timeout=600) as c:
-                texts = [("refund my card charge please " * 400)[:10_000]] * 256
+                texts = [("refund my card charge please " * 400)[:10_000]] * 128
                 big["resp"] = c.post("/v1/adapters/tickets/predict", json={"inputs": texts})
                 big["seconds"] = time.monotonic() - started
             big_done.set()
@@ -112,10 +113,13 @@ def test_a_huge_request_does_not_block_another_tenants_small_ones(tmp_path):
     print(f"\nbig request {big['seconds']:.1f} s; {len(during)} small predicts meanwhile, "
           f"slowest {max(s[1] for s in during):.3f} s")  # fmt: skip
     assert big["resp"].status_code == 200, big["resp"].text
-    assert len(big["resp"].json()["predictions"]) == 256
+    assert len(big["resp"].json()["predictions"]) == 128
     assert len(during) >= 3  # the big one really ran while they were served
     assert all(code == 200 for code, _, _ in small)
-    assert max(seconds for _, seconds, _ in during) < 1.0
+    # Without fair passes each small predict waited for the whole big request; with them it
+    # waits for about one pass. Relative to the big request, so a busy machine does not fail it
+    # (typical: big 16-25 s, slowest small 0.3-1.3 s on 2 cores).
+    assert max(seconds for _, seconds, _ in during) < big["seconds"] / 5
 
 
 # --- framing and slow clients: raw sockets, since real clients refuse to send these ---
