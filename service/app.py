@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 
 from loradock.service.api import (
     adapters,
+    batch,
     embeddings,
     health,
     jobs,
@@ -121,6 +122,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(predict.router)
     app.include_router(embeddings.router)
+    app.include_router(batch.router)
     app.include_router(oip.router)
     app.include_router(monitoring.router)
     _document_manual_bodies(app)

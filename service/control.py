@@ -26,6 +26,8 @@ from loradock.adapters.artifacts.importing import (
     validate_import,
 )
 from loradock.adapters.artifacts.store import artifact_key
+from loradock.service import batchjobs
+from loradock.service.batchjobs import BatchInput
 from loradock.service.datasets import Form, Limits, Prepared
 from loradock.service.db.models import Adapter, Job, Version, new_id, utcnow
 from loradock.service.errors import Conflict, PayloadTooLarge, TooManyRequests, Unprocessable
@@ -91,9 +93,12 @@ class Control:
         try:
             with self.db.session() as s:
                 row = find_adapter(s, tenant_id, adapter)
-                busy = s.scalar(
-                    select(Job.id).where(Job.adapter_id == row.id, Job.status.in_(ACTIVE_JOB))
-                )
+                busy = next(
+                    (j.id for j in s.scalars(select(Job).where(
+                        Job.adapter_id == row.id, Job.status.in_(ACTIVE_JOB)))
+                     if j.kind == "train"),
+                    None,
+                )  # fmt: skip
                 if busy:
                     raise Conflict(
                         f"adapter {row.name!r} is already training (job {busy}); wait or cancel it"
@@ -107,6 +112,38 @@ class Control:
             raise Conflict("another version was created at the same time; retry") from e
         self._wake()
         return queued
+
+    # --- batch prediction ----------------------------------------------------------------------
+
+    def queue_batch(
+        self, tenant_id: str, adapter: str, version: int | None, batch: BatchInput
+    ) -> tuple[str, int]:
+        """A prediction job over `batch` on `version` (default: the live one, pinned now); the
+        inputs are stored before the job row commits. Returns (job id, version)."""
+        data = batch.encode()
+        with self.db.session() as s:
+            row = find_adapter(s, tenant_id, adapter)
+            number = version or row.live_version
+            if number is None:
+                raise Conflict(f"adapter {row.name!r} has no live version; pass a version")
+            ver = find_version(s, row, number)
+            if ver.status != "ready":
+                raise Conflict(f"version {number} is {ver.status}; only a ready version predicts")
+            self._check_queue(s, tenant_id)
+            job = Job(
+                id=new_id("job"), tenant_id=tenant_id, adapter_id=row.id, version=number,
+                status="queued", created_at=utcnow(),
+                spec={"kind": batchjobs.KIND, "rows": len(batch.texts)},
+                progress={"rows": len(batch.texts), "rows_done": 0,
+                          "rows_failed": len(batch.errors)},
+            )  # fmt: skip
+            check_quota(self.store, tenant_id, len(data),
+                        self.runtime.settings.max_storage_bytes_per_tenant)  # fmt: skip
+            self.store.publish(dataset_key(tenant_id, row.id, job.id), {DATASET_FILE: data})
+            s.add(job)
+            job_id = job.id
+        self._wake()
+        return job_id, number
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -238,18 +275,7 @@ class Control:
         prep: Prepared,
     ) -> Job:
         """Store the dataset, then add version + job rows (the caller's transaction commits)."""
-        waiting = s.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.tenant_id == tenant_id, Job.status == "queued")
-        )
-        limit = self.runtime.settings.max_queued_jobs_per_tenant
-        if (waiting or 0) >= limit:
-            raise TooManyRequests(
-                f"this tenant has {waiting} jobs waiting to train, the limit is {limit} "
-                "(setting LORADOCK_MAX_QUEUED_JOBS_PER_TENANT); retry when one has started",
-                retry_after=30,
-            )
+        self._check_queue(s, tenant_id)
         job = Job(
             id=new_id("job"),
             tenant_id=tenant_id,
@@ -281,6 +307,20 @@ class Control:
         s.add(job)
         s.flush()
         return job
+
+    def _check_queue(self, s: Session, tenant_id: str) -> None:
+        waiting = s.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.status == "queued")
+        )
+        limit = self.runtime.settings.max_queued_jobs_per_tenant
+        if (waiting or 0) >= limit:
+            raise TooManyRequests(
+                f"this tenant has {waiting} jobs waiting to run, the limit is {limit} "
+                "(setting LORADOCK_MAX_QUEUED_JOBS_PER_TENANT); retry when one has started",
+                retry_after=30,
+            )
 
     def _check_new_adapter(self, s: Session, tenant_id: str, name: str) -> None:
         count = s.scalar(

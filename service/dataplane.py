@@ -197,13 +197,7 @@ class DataPlane:
                 self.engine.release([resident])
         if observe and self.monitor is not None:
             self.monitor.observe(ref, rows, live=version is None)
-        limit = self.engine.base.max_length
-        predictions = []
-        for r in rows:
-            prediction = dict(r.output)
-            if r.tokens >= limit:
-                prediction["truncated"] = True
-            predictions.append(prediction)
+        predictions = [r.prediction(self.engine.base.max_length) for r in rows]
         return Answer(ref=ref, task=task, predictions=predictions, rows=rows)
 
     async def embed(

@@ -21,8 +21,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, text, update
 
@@ -36,6 +37,7 @@ from loradock.adapters.artifacts.store import (
 )
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.serving.slots import AdapterRef
 from loradock.adapters.training.data import Dataset, Example
 from loradock.adapters.training.served import served_metrics
 from loradock.adapters.training.trainer import (
@@ -44,10 +46,14 @@ from loradock.adapters.training.trainer import (
     Trainer,
     TrainOutcome,
 )
+from loradock.service import batchjobs
 from loradock.service.db.models import Adapter, Job, Version, utcnow
 from loradock.service.db.registry import Database
 from loradock.service.errors import describe_failure, job_failure_message, storage_problem
 from loradock.service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from loradock.adapters.serving.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,9 @@ def decode_dataset(raw: bytes) -> tuple[Dataset, list[Example] | None, float]:
     body = json.loads(raw)
 
     def examples(rows: list[dict[str, Any]]) -> list[Example]:
-        return [Example(text=r["text"], label=r["label"], group=r.get("group")) for r in rows]
+        return [
+            Example(text=r["text"], label=_label(r["label"]), group=r.get("group")) for r in rows
+        ]
 
     train = Dataset(
         task=tasks.get(body["task"]),
@@ -92,6 +100,11 @@ def decode_dataset(raw: bytes) -> tuple[Dataset, list[Example] | None, float]:
     )
     val = examples(body["validation"]) if body.get("validation") is not None else None
     return train, val, float(body.get("validation_split", 0.2))
+
+
+def _label(value: Any) -> str | float | tuple[str, ...]:
+    """A stored label: JSON has no tuple, so a multi-label set comes back as a list."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def version_served(ver: Version) -> dict[str, Any]:
@@ -143,6 +156,7 @@ class JobRunner:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.restarts = 0
+        self.engine: Engine | None = None  # set by the runtime: prediction jobs run on it
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -416,6 +430,9 @@ class JobRunner:
             if job.cancel_requested:
                 finish_cancelled(s, job)
                 return
+        if spec.get("kind") == batchjobs.KIND:
+            self._run_batch(job_id, tenant_id, adapter_id, version)
+            return
         try:
             raw = self.store.read(dataset_key(tenant_id, adapter_id, job_id), DATASET_FILE)
         except StoreError as e:
@@ -473,6 +490,104 @@ class JobRunner:
                     finish_cancelled(s, job)
                 else:
                     finish_failed(s, job, outcome.error or "training failed", outcome)
+
+    def _run_batch(self, job_id: str, tenant_id: str, adapter_id: str, version: int) -> None:
+        """A prediction job (service/batchjobs.py): every row through the pinned version, then
+        the predictions file published at once."""
+        try:
+            raw = self.store.read(dataset_key(tenant_id, adapter_id, job_id), DATASET_FILE)
+        except StoreError as e:
+            self._fail(job_id, f"the batch inputs cannot be read: {e}")
+            return
+        batch = batchjobs.BatchInput.decode(raw)
+        with self.db.session() as s:
+            ver = s.scalar(
+                select(Version).where(Version.adapter_id == adapter_id, Version.version == version)
+            )
+            adapter = s.get(Adapter, adapter_id)
+            if ver is None or adapter is None or ver.status != "ready" or not ver.artifact_key:
+                missing = True
+            else:
+                missing = False
+                ref = AdapterRef(adapter_id, version, adapter.name, ver.artifact_key)
+        if missing:
+            self._fail(job_id, f"version {version} is no longer servable (deleted or retrained)")
+            return
+        engine = self.engine
+        if engine is None:
+            self._fail(job_id, "this server runs no serving engine, so it cannot predict")
+            return
+        log.info("job %s: predicting %d rows with %s v%d", job_id, len(batch.texts), adapter_id,
+                 version)  # fmt: skip
+        progress = _ProgressWriter(self.db, job_id, self.metrics)
+        clock = batchjobs.Throughput()
+        started = time.perf_counter()
+        progress.set(rows=len(batch.texts), rows_done=0, rows_failed=len(batch.errors))
+        limit = engine.base.max_length
+
+        def run(texts: Sequence[str]) -> list[dict[str, Any]]:
+            resident = engine.acquire(ref)
+            try:
+                rows = engine.run([resident] * len(texts), texts)
+            finally:
+                engine.release([resident])
+            return [r.prediction(limit) for r in rows]
+
+        def should_stop() -> bool:
+            over = bool(self.max_seconds) and time.perf_counter() - started > self.max_seconds
+            return over or self._stop.is_set() or self._cancelled(job_id, progress)
+
+        try:
+            results = batchjobs.predict_all(
+                batch, run, should_stop=should_stop, between=self.gate.yield_to_serving,
+                on_progress=lambda done, n: progress.set(
+                    rows_done=done + len(batch.errors), rows_per_second=clock.rate(done)
+                ),
+            )  # fmt: skip
+        except batchjobs.Stopped:
+            progress.close()
+            self._end_stopped_batch(job_id, started)
+            return
+        except BaseException:
+            progress.close()
+            raise
+        progress.close()
+        data = batchjobs.encode_results(batch, results)
+        if not self._still_mine(job_id):
+            return
+        try:
+            self.store.publish(batchjobs.batch_key(tenant_id, adapter_id, job_id),
+                               {batchjobs.OUTPUT_FILE: data}, {"job_id": job_id})  # fmt: skip
+        except ArtifactExists:
+            pass  # an earlier attempt of this job published the same rows
+        except StoreError as e:
+            self._fail(job_id, f"the predictions cannot be stored: {storage_problem(e) or e}")
+            return
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                job.status, job.finished_at = "succeeded", utcnow()
+                job.progress = {**(job.progress or {}), "rows_done": len(batch.texts),
+                                "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.jobs_finished.labels("succeeded").inc()
+        log.info("job %s: %d predictions published", job_id, len(batch.texts))
+
+    def _end_stopped_batch(self, job_id: str, started: float) -> None:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return
+            if self._stop.is_set():  # shutdown: run it again next start
+                job.status, job.claimed_by = "queued", None
+                log.info("job %s: interrupted by shutdown, re-queued", job_id)
+            elif self.max_seconds and time.perf_counter() - started > self.max_seconds:
+                job.stop_reason = "budget"
+                finish_failed(s, job, f"stopped after the compute budget of {self.max_seconds:g} "
+                              "s per job (setting LORADOCK_JOB_MAX_SECONDS); split the batch",
+                              None)  # fmt: skip
+            else:
+                finish_cancelled(s, job)
 
     def _record(self, outcome: TrainOutcome, seconds: float) -> None:
         if self.metrics is None or (outcome.status == "cancelled" and self._stop.is_set()):
@@ -541,6 +656,11 @@ class JobRunner:
             "hyperparameters": spec.get("hyperparameters") or {},
             "metrics": outcome.metrics,
             "baseline": {k: v for k, v in outcome.baseline.items() if k != "per_class"},
+            "data": {
+                "rows": outcome.report.get("rows"),
+                "validation": outcome.report.get("validation"),
+                "warnings": len(outcome.report.get("warnings") or []),
+            },
         }
         oof = outcome.reference_outputs
         files = build_files(
@@ -690,6 +810,8 @@ def finish_cancelled(s: Any, job: Job) -> None:
 
 
 def _close_version(s: Any, job: Job, status: str) -> None:
+    if (job.spec or {}).get("kind") == batchjobs.KIND:
+        return  # a prediction job only reads its version
     ver = s.scalar(
         select(Version).where(Version.adapter_id == job.adapter_id, Version.version == job.version)
     )
@@ -717,6 +839,13 @@ class _ProgressWriter:
         self._last_cancel_check = 0.0
         self._cancel = False
         self._dirty = False
+
+    def set(self, **values: Any) -> None:
+        """Progress fields of a job that is no training run (a batch job's rows)."""
+        self.progress.update(values)
+        self._dirty = True
+        if time.monotonic() - self._last_write >= self.interval:
+            self.flush()
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")

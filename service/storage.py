@@ -70,14 +70,16 @@ def sweep_orphans(db: Database, store: ArtifactStore, min_age: float = 0.0) -> i
             s.scalars(select(Version.artifact_key).where(Version.artifact_key.is_not(None)))
         )
         pending = set(s.scalars(select(Job.id).where(Job.status.in_(("queued", "running")))))
+        jobs = set(s.scalars(select(Job.id)))
     removed = 0
     for key in keys:
         parts = key.split("/")
-        needed = (
-            parts[3] in pending
-            if len(parts) == 4 and parts[2] == "datasets"
-            else (key in artifacts)
-        )
+        if len(parts) == 4 and parts[2] == "datasets":  # a job's inputs, while it may run
+            needed = parts[3] in pending
+        elif len(parts) == 4 and parts[2] == "batches":  # a prediction job's results
+            needed = parts[3] in jobs
+        else:
+            needed = key in artifacts
         if needed or _age_seconds(store, key) < min_age:
             continue
         try:

@@ -39,3 +39,21 @@ def regression_rows(n: int = 60, seed: int = 0) -> list[dict]:
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": k + rng.uniform(-0.2, 0.2)})
     return rows
+
+
+def multilabel_rows(n: int = 60, seed: int = 0) -> list[dict]:
+    """Each text carries the keywords of 0-3 of the KEYWORDS topics; its labels are those
+    topics (a list, possibly empty): learnable per label from keywords."""
+    rng = random.Random(seed)
+    topics = list(KEYWORDS)
+    rows = []
+    for i in range(n):
+        k = [0, 1, 1, 2, 2, 3][i % 6]
+        chosen = sorted(rng.sample(topics, k))
+        words = rng.sample(FILLER, rng.randint(3, 6))
+        for t in chosen:
+            words += rng.sample(KEYWORDS[t], 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "labels": chosen})
+    rng.shuffle(rows)
+    return rows

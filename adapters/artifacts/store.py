@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-ALLOWED_SUFFIXES = (".json", ".safetensors")
+ALLOWED_SUFFIXES = (".json", ".jsonl", ".safetensors")
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 

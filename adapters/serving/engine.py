@@ -51,6 +51,13 @@ class RowResult:
     pooled: torch.Tensor  # [hidden] float32 on the CPU
     tokens: int
 
+    def prediction(self, max_length: int) -> dict[str, Any]:
+        """The answer as an API returns it: `truncated` when the text was cut at max_length."""
+        out = dict(self.output)
+        if self.tokens >= max_length:
+            out["truncated"] = True
+        return out
+
 
 class Engine:
     """Resolves adapter versions to pool slots (loading them on a miss) and runs mixed batches."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from loradock.adapters.tasks.base import Task, TaskStateError
 from loradock.adapters.tasks.classification import Classification
+from loradock.adapters.tasks.multilabel import MultiLabel
 from loradock.adapters.tasks.regression import Regression
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -43,9 +44,11 @@ def from_meta(meta: dict) -> Task:
 
 register(Classification)
 register(Regression)
+register(MultiLabel)
 
 __all__ = [
     "Classification",
+    "MultiLabel",
     "Regression",
     "Task",
     "TaskStateError",

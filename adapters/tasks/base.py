@@ -45,13 +45,22 @@ class Task(ABC):
     name: ClassVar[str]
     decision_metric: ClassVar[str]  # a `val_*` key of `summary()`
     higher_is_better: ClassVar[bool]
+    empty_label_ok: ClassVar[bool] = (
+        False  # an empty label cell is a value (no labels), not missing
+    )
 
     # --- rows (before any state exists) --------------------------------------------------------
 
     @classmethod
     @abstractmethod
-    def parse_label(cls, value: Any) -> str | float:
+    def parse_label(cls, value: Any) -> str | float | tuple[str, ...]:
         """A row's label as the task stores it; ValueError with a short reason if it is not one."""
+
+    @classmethod
+    def merge_labels(cls, labels: Sequence[Any]) -> Any | None:
+        """The one label of a text that rows gave different `labels`, or None: the rows conflict
+        (dropped with a warning, or refused). Multi-label tasks unite them."""
+        return None
 
     @classmethod
     @abstractmethod
@@ -172,6 +181,14 @@ class Task(ABC):
         return fit_linear(x, y, self, l2=l2_for(c, len(y)), class_weight=class_weight,
                           standardize=bool(settings.get("standardized", True)))  # fmt: skip
 
+    def calibrate(
+        self, outputs: torch.Tensor, examples: Sequence[Example], *, seed: int = 0
+    ) -> dict[str, Any]:
+        """Fit serving-time settings of this state (e.g. decision thresholds) on the served
+        model's out-of-sample outputs for `examples`, after the winner is chosen; returns what
+        was done for the version's report ({} if the task has nothing to calibrate)."""
+        return {}
+
     @abstractmethod
     def metrics(self, outputs: torch.Tensor, examples: Sequence[Example]) -> dict[str, Any]:
         """Validation metrics of head outputs [n, n_outputs] against `examples`' labels:
@@ -198,9 +215,16 @@ class Task(ABC):
         """The part of a prediction that feedback's true label is compared with."""
         return str(prediction.get("label", prediction.get("value")))
 
-    def check_feedback_label(self, label: str | float) -> str:
+    def check_feedback_label(self, label: Any) -> str:
         """A feedback label as stored; ValueError if this adapter could never predict it."""
         return str(label)
+
+    @abstractmethod
+    def export_head(self, head: LinearHead) -> tuple[LinearHead, dict[str, Any]]:
+        """The head as an export ships it, and how to read its outputs outside loradock
+        (`activation`: softmax | sigmoid | identity, `outputs`: a name per output, and whatever
+        else decoding needs, e.g. thresholds). The head may be rescaled so that its outputs are
+        in label units."""
 
     @abstractmethod
     def output_tensors(self, predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -219,3 +243,33 @@ class Task(ABC):
     ) -> dict[str, dict[str, Any]]:
         """Drift of live predictions against the profile's task part, one entry per signal:
         `psi` (beyond sampling noise), `psi_raw`, `psi_noise`, and the two distributions."""
+
+
+class LabelledTask(Task):
+    """A task over a fixed list of label names (one output per label): the state both
+    classification tasks share."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self._labels = list(labels)
+        self._index = {label: i for i, label in enumerate(self._labels)}
+
+    @staticmethod
+    def meta_labels(meta: Mapping[str, Any], minimum: int) -> list[str]:
+        """The `labels` of a loradock.json: at least `minimum` distinct non-empty strings."""
+        labels = meta.get("labels")
+        if (
+            not isinstance(labels, list)
+            or len(labels) < minimum
+            or not all(isinstance(x, str) and x for x in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            raise TaskStateError(f"labels must be a list of at least {minimum} distinct strings")
+        return labels
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self._labels)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._labels)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from loradock.adapters.monitoring.drift import psi_signal
 from loradock.adapters.monitoring.profile import confidence_edges, histogram
-from loradock.adapters.tasks.base import Task, TaskStateError
+from loradock.adapters.tasks.base import LabelledTask
 from loradock.adapters.tasks.metrics import classification_metrics
+from loradock.adapters.tasks.probe import LinearHead
 from loradock.adapters.training.data import Dataset, DatasetError, Example, Problem
 
 MIN_PER_CLASS = 2  # one for training and one for validation, at the very least
@@ -20,15 +21,11 @@ IMBALANCE_RATIO = 10.0  # largest / smallest class above this earns a warning
 MAX_LABEL_CHARS = 128
 
 
-class Classification(Task):
+class Classification(LabelledTask):
     name = "classification"
     decision_metric = "val_macro_f1"
     higher_is_better = True
     summary_keys: ClassVar[tuple[str, ...]] = ("loss", "accuracy", "macro_f1")
-
-    def __init__(self, labels: Sequence[str]) -> None:
-        self._labels = list(labels)
-        self._index = {label: i for i, label in enumerate(self._labels)}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Classification) and other._labels == self._labels
@@ -109,26 +106,10 @@ class Classification(Task):
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> Classification:
-        labels = meta.get("labels")
-        if (
-            not isinstance(labels, list)
-            or len(labels) < 2
-            or not all(isinstance(x, str) and x for x in labels)
-            or len(set(labels)) != len(labels)
-        ):
-            raise TaskStateError("labels must be a list of at least 2 distinct strings")
-        return cls(labels)
+        return cls(cls.meta_labels(meta, 2))
 
     def meta(self) -> dict[str, Any]:
         return {"labels": list(self._labels)}
-
-    @property
-    def n_outputs(self) -> int:
-        return len(self._labels)
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self._labels)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -177,6 +158,13 @@ class Classification(Task):
         if str(label) not in self._index:
             raise ValueError(f"{label!r} is not a label of this adapter")
         return str(label)
+
+    def export_head(self, head: LinearHead) -> tuple[LinearHead, dict[str, Any]]:
+        return head, {
+            "activation": "softmax",
+            "outputs": list(self._labels),
+            "decode": "softmax over the outputs; the label is the one with the highest score",
+        }
 
     def output_tensors(self, predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         n = len(predictions) if predictions else -1

@@ -1,4 +1,5 @@
-"""Validation metrics: loss, accuracy, macro-F1, per-class precision/recall, per-group gaps."""
+"""Validation metrics: loss, accuracy, macro-F1 (micro-F1 for multi-label), per-class
+precision/recall, per-group gaps."""
 
 from __future__ import annotations
 
@@ -91,3 +92,55 @@ def _group_metrics(
         per_group[g] = {"n": len(idx), name: round(float(per_row[idx].mean()), 4)}
     values = [float(per_row[idx].mean()) for idx in by_group.values()]
     return {"per_group": per_group, "group_gap": round(max(values) - min(values), 4)}
+
+
+def multilabel_metrics(
+    logits: torch.Tensor,  # [n, L]
+    targets: torch.Tensor,  # [n, L] in {0, 1}
+    labels: Sequence[str],
+    thresholds: torch.Tensor,  # [L] probability thresholds
+    groups: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
+    """Multi-label scores at the given thresholds: micro- and macro-F1 (scikit-learn's
+    definitions: macro over the labels that occur in the truth or the predictions), subset
+    accuracy (the whole label set right), Hamming loss, per-label precision/recall/F1 and the
+    per-group subset accuracy. `loss` is binary cross-entropy summed over labels, mean over rows."""
+    logits = logits.detach().float().cpu()[:, : len(labels)]
+    truth = targets.detach().float().cpu() > 0.5
+    n = len(truth)
+    loss = (
+        float(F.binary_cross_entropy_with_logits(logits, truth.float(), reduction="sum")) / n
+        if n
+        else float("nan")
+    )
+    pred = torch.sigmoid(logits) >= thresholds.float().cpu()
+    tp = (pred & truth).sum(0).float()
+    fp = (pred & ~truth).sum(0).float()
+    fn = (~pred & truth).sum(0).float()
+    f1 = torch.where(
+        tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp)
+    )
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
+    present = (tp + fp + fn) > 0
+    micro_den = float(2 * tp.sum() + fp.sum() + fn.sum())
+    exact = (pred == truth).all(dim=1).float()
+    out: dict[str, Any] = {
+        "loss": loss,
+        "micro_f1": float(2 * tp.sum()) / micro_den if micro_den > 0 else 0.0,
+        "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+        "accuracy": float(exact.mean()) if n else 0.0,  # subset accuracy
+        "hamming_loss": float((pred != truth).float().mean()) if n else 0.0,
+        "per_class": {
+            label: {
+                "precision": round(float(precision[j]), 4),
+                "recall": round(float(recall[j]), 4),
+                "f1": round(float(f1[j]), 4),
+                "support": int(truth[:, j].sum()),
+                "threshold": round(float(thresholds[j]), 4),
+            }
+            for j, label in enumerate(labels)
+        },
+    }
+    out.update(_group_metrics(exact, groups, "accuracy"))
+    return out

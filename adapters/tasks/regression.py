@@ -14,6 +14,7 @@ from loradock.adapters.monitoring.drift import psi_signal
 from loradock.adapters.monitoring.profile import histogram
 from loradock.adapters.tasks.base import Task, TaskStateError
 from loradock.adapters.tasks.metrics import regression_metrics
+from loradock.adapters.tasks.probe import LinearHead
 from loradock.adapters.training.data import Dataset, DatasetError, Example, Problem
 
 MAX_ABS_LABEL = 1e30  # beyond this, squares overflow float32 and the loss is meaningless
@@ -134,6 +135,17 @@ class Regression(Task):
 
     def check_feedback_label(self, label: str | float) -> str:
         return str(self.parse_label(label))
+
+    def export_head(self, head: LinearHead) -> tuple[LinearHead, dict[str, Any]]:
+        """The label scaling folded in: the exported head outputs values in label units."""
+        scaled = LinearHead(
+            weight=head.weight[:1] * self.std, bias=head.bias[:1] * self.std + self.mean
+        )
+        return scaled, {
+            "activation": "identity",
+            "outputs": ["value"],
+            "decode": "the output is the predicted value, in the training labels' units",
+        }
 
     def output_tensors(self, predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         n = len(predictions) if predictions else -1

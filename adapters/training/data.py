@@ -7,7 +7,7 @@ import io
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from loradock.adapters.core.text import JSONError, encoding_problem, parse_json
@@ -25,7 +25,7 @@ SMALL_DATASET_ROWS = 50  # below this, k-fold cross-validation picks the epoch c
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: str | float
+    label: str | float | tuple[str, ...]  # a class, a value, or a sorted set of labels
     group: str | None = None
 
 
@@ -103,10 +103,13 @@ def parse_jsonl(raw: bytes, dataset: str = "training_data") -> list[dict[str, An
 
 
 def parse_csv(raw: bytes, dataset: str = "training_data") -> list[dict[str, Any]]:
-    """CSV with a header row naming at least `text` and `label` (and optionally `group`)."""
+    """CSV with a header row naming at least `text` and `label` (or `labels`; optionally
+    `group`)."""
     reader = csv.DictReader(io.StringIO(_decode(raw, dataset), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in ("text", "label") if c not in header]
+    if "labels" in header and "label" in missing:  # a multi-label file's usual column name
+        missing.remove("label")
     if missing:
         raise DatasetError(
             [
@@ -119,7 +122,7 @@ def parse_csv(raw: bytes, dataset: str = "training_data") -> list[dict[str, Any]
     rows = []
     try:
         for row in reader:
-            rows.append({k: v for k, v in row.items() if k in ("text", "label", "group")})
+            rows.append({k: v for k, v in row.items() if k in ("text", "label", "labels", "group")})
     except csv.Error as e:  # an unbalanced quote, a field over the size limit
         line = reader.line_num
         raise DatasetError(
@@ -193,11 +196,17 @@ def validate_rows(
     dropped = 0
     conflicts: list[str] = []
     conflict_rows = 0
+    merged: list[int] = []  # rows per text whose different labels the task united
     for group in by_text.values():
         labels_seen = list(dict.fromkeys(ex.label for _, ex in group))
         if len(labels_seen) == 1:
             kept.append(group[0][1])
             dropped += len(group) - 1
+            continue
+        united = task.merge_labels(labels_seen)
+        if united is not None:
+            kept.append(replace(group[0][1], label=united))
+            merged.append(len(group))
             continue
         numbers = [i for i, _ in group]
         where = f"rows {', '.join(map(str, numbers[:5]))}{' ...' if len(numbers) > 5 else ''}"
@@ -221,6 +230,11 @@ def validate_rows(
     warnings = []
     if dropped:
         warnings.append(f"{dataset}: dropped {dropped} exact duplicate rows")
+    if merged:
+        warnings.append(
+            f"{dataset}: {sum(merged)} rows of {len(merged)} texts gave a text different labels; "
+            "each text's labels were united into one row"
+        )
     if conflicts:
         shown = "; ".join(conflicts[:5]) + (
             f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
@@ -267,8 +281,11 @@ def _check_row(
     elif (problem := encoding_problem(text)) is not None:
         problems.append(Problem(i, "text", problem, dataset))
     label = row.get("label")
-    value: str | float | None = None
-    if label is None or (isinstance(label, str) and not label.strip()):
+    if label is None and "labels" in row:  # the usual name for a multi-label row's list
+        label = row.get("labels")
+    value: str | float | tuple[str, ...] | None = None
+    empty = isinstance(label, str) and not label.strip()
+    if label is None or (empty and not task.empty_label_ok):
         problems.append(Problem(i, "label", "missing label", dataset))
     else:
         try:

@@ -121,7 +121,7 @@ class Trainer:
         started = time.perf_counter()
         task = train.task.from_dataset(train)
         out = TrainOutcome(status="running", stop_reason=None, task=task)
-        report: dict[str, Any] = {"warnings": list(train.warnings)}
+        report: dict[str, Any] = {"warnings": list(train.warnings), "rows": len(train.examples)}
         out.report = report
         try:
             examples = train.examples
@@ -170,6 +170,7 @@ class Trainer:
                 out.stop_reason = res["stop_reason"]
                 out.reference_texts = [e.text for e in splits[0][1]]
                 self._pick_winner(out, res["probe_head"], hp, len(splits[0][1]))
+                self._calibrate(out, res["oof"][out.winner or "probe"], splits[0][1], hp)
                 if out.winner == "probe" and validation is None:
                     self._refit_probe(out, splits[0][0] + splits[0][1], hp, embeddings)
                     out.reference_outputs = res["oof"]["probe"]  # out-of-sample, as with LoRA
@@ -618,12 +619,29 @@ class Trainer:
             out.weights = None  # no epoch helped in any fold: the probe is served
         self._pick_winner(out, final["probe_head"], hp, len(all_rows))
         kind = out.winner or "probe"
-        texts: list[str] = []
+        rows: list[Example] = []
         outputs: list[torch.Tensor] = []
         for f in folds:
             oof = f["oof"][kind] if f["oof"][kind] is not None else f["oof"]["probe"]
             if oof is not None:
-                texts += [e.text for e in f["va"]]
+                rows += f["va"]
                 outputs.append(oof)
-        out.reference_texts = texts
+        out.reference_texts = [e.text for e in rows]
         out.reference_outputs = torch.cat(outputs) if outputs else None
+        self._calibrate(out, out.reference_outputs, rows, hp)
+
+    @staticmethod
+    def _calibrate(
+        out: TrainOutcome,
+        outputs: torch.Tensor | None,
+        rows: Sequence[Example],
+        hp: Hyperparameters,
+    ) -> None:
+        """The task's serving-time settings (multi-label thresholds) from the served kind of
+        model's out-of-sample outputs; the validation metrics stay those at the defaults, which
+        is what the winner and promotion decisions compared."""
+        if outputs is None or not rows:
+            return
+        done = out.task.calibrate(outputs, rows, seed=hp.seed)
+        if done:
+            out.report["calibration"] = done

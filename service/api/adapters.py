@@ -1,11 +1,12 @@
-"""Adapters and their versions: create (train), list, read, retrain, promote, download, delete."""
+"""Adapters and their versions: create (train), list, read, retrain, promote, download, export,
+delete."""
 
 from __future__ import annotations
 
 import io
 import re
 import zipfile
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as FastAPIPath
@@ -15,6 +16,8 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from loradock.adapters import tasks
+from loradock.adapters.artifacts.export import ExportError, export_files, zip_files
+from loradock.adapters.artifacts.files import ArtifactError, load_adapter
 from loradock.adapters.artifacts.store import MANIFEST, StoreError
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.schemas import (
@@ -304,6 +307,62 @@ def promote_version(
         return adapter_out(s, find_adapter(s, principal.tenant_id, adapter_id))
 
 
+def _ready_version(
+    db: Database, tenant_id: str, adapter: str, version: int | None, verb: str
+) -> tuple[str, str, int]:
+    """(artifact key, adapter name, version number) of a ready version (default: the live
+    one); 404 or 409 naming what is missing."""
+    with db.session() as s:
+        row = find_adapter(s, tenant_id, adapter)
+        number = version or row.live_version
+        if number is None:
+            raise NotFound(f"adapter {row.name!r} has no live version; pass ?version=N")
+        ver = find_version(s, row, number)
+        if ver.status != "ready" or not ver.artifact_key:
+            raise Conflict(f"version {number} is {ver.status}; only ready versions can be {verb}")
+        return ver.artifact_key, row.name, number
+
+
+@router.get(
+    "/adapters/{adapter}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def export_version(
+    adapter: str,
+    runtime: ReadyRuntimeDep,
+    db: DatabaseDep,
+    version: int | None = Query(
+        None, ge=1, le=MAX_VERSION, description="Default: the live version."
+    ),
+    format: Literal["peft", "sentence-transformers"] = Query(
+        "peft",
+        description="peft: the LoRA adapter folder plus head (head-only for a probe); "
+        "sentence-transformers: a full model with LoRA merged and the head as a Dense module.",
+    ),
+    principal: Principal = ReadDep,
+) -> Response:
+    """The version as files other tools load (see README, Exports), zipped in one folder."""
+    key, name, number = _ready_version(db, principal.tenant_id, adapter, version, "exported")
+    assert runtime.store is not None
+    assert runtime.base is not None
+    base = runtime.base
+    try:
+        model = load_adapter(runtime.store, key, base)
+        files = export_files(
+            model, base, format, name=name,
+            base_model_id=runtime.settings.resolved_base_model_id(base.name),
+        )  # fmt: skip
+    except (StoreError, ArtifactError, ExportError) as e:
+        raise Conflict(f"version {number} cannot be exported as {format}: {e}") from e
+    folder = f"{name}-v{number}-{format}"
+    return Response(
+        zip_files(files, folder),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{folder}.zip"'},
+    )
+
+
 @router.get(
     "/adapters/{adapter}/download",
     response_class=Response,
@@ -319,17 +378,7 @@ def download_version(
     principal: Principal = ReadDep,
 ) -> Response:
     """A zip of the version's files: PEFT adapter, head, profile, loradock.json and manifest."""
-    with db.session() as s:
-        row = find_adapter(s, principal.tenant_id, adapter)
-        number = version or row.live_version
-        if number is None:
-            raise NotFound(f"adapter {row.name!r} has no live version; pass ?version=N")
-        ver = find_version(s, row, number)
-        if ver.status != "ready" or not ver.artifact_key:
-            raise Conflict(
-                f"version {number} is {ver.status}; only ready versions can be downloaded"
-            )
-        key, name = ver.artifact_key, row.name
+    key, name, number = _ready_version(db, principal.tenant_id, adapter, version, "downloaded")
     assert runtime.store is not None
     buf = io.BytesIO()
     try:

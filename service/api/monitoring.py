@@ -25,13 +25,16 @@ class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1)
-    label: str | float
+    label: str | float | list[str] = Field(
+        description="The true label: a class, a value, or a multi-label adapter's set of labels."
+    )
 
     @field_validator("text", "label")
     @classmethod
-    def _no_nul(cls, v: str | float) -> str | float:
+    def _no_nul(cls, v: str | float | list[str]) -> str | float | list[str]:
         # Stored in the registry: PostgreSQL text cannot hold NUL; no real label or text has one.
-        if isinstance(v, str) and "\x00" in v:
+        values = v if isinstance(v, list) else [v]
+        if any(isinstance(x, str) and "\x00" in x for x in values):
             raise ValueError("must not contain NUL characters")
         return v
 

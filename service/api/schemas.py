@@ -163,6 +163,7 @@ class AdapterList(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    kind: str = Field("train", description="train (a version) or predict (a batch job)")
     adapter_id: str
     version: int
     status: str

@@ -134,6 +134,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
+    @property
+    def kind(self) -> str:
+        """`train` (a version is trained) or `predict` (a batch of texts is predicted)."""
+        return str((self.spec or {}).get("kind", "train"))
+
 
 class Feedback(Base):
     __tablename__ = "feedback"

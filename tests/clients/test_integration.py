@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -121,6 +122,36 @@ def test_client_and_cli_drive_a_real_server(tmp_path):
         scored = [json.loads(line) for line in out.read_text().splitlines()]
         assert [s["id"] for s in scored] == list(range(300))
         assert [s["prediction"]["label"] for s in scored] == batch.labels
+        # the same file as one server-side batch job: same predictions, in the same order
+        served = tmp_path / "served.jsonl"
+        r = cli("predict", "tickets", "-f", source, "-o", str(served), "--server-side")
+        assert r.returncode == 0, r.stderr
+        assert "predicted 300/300" in r.stderr
+        on_server = [json.loads(line) for line in served.read_text().splitlines()]
+        assert [s["id"] for s in on_server] == list(range(300))
+        assert [s["prediction"]["label"] for s in on_server] == batch.labels
+        submitted = c.adapters.batch("tickets", ["refund my card", ""])
+        assert submitted.rows_failed == 1
+        lines = c.jobs.wait_results(submitted.job.id)
+        assert lines[0]["prediction"]["label"] in LABELS
+        assert lines[1]["error"] == "empty text"
+        assert c.jobs.get(submitted.job.id).kind == "predict"
+
+        # exports: the real sentence-transformers loads one and reproduces the scores
+        from sentence_transformers import SentenceTransformer
+
+        zipped = c.adapters.export("tickets", path=tmp_path, format="sentence-transformers")
+        shutil.unpack_archive(zipped, tmp_path / "exported")
+        (folder,) = (tmp_path / "exported").iterdir()
+        st = SentenceTransformer(str(folder), device="cpu")
+        logits = st.encode(many[:4], convert_to_tensor=True)
+        got = [dict(zip(sorted(LABELS), row.softmax(-1).tolist(), strict=True)) for row in logits]
+        want = [p.scores for p in batch.predictions[:4]]
+        for g, w in zip(got, want, strict=True):
+            assert max(g, key=g.get) == max(w, key=w.get)
+            assert g == pytest.approx(w, abs=0.03)  # the server computes in bf16 where it can
+        card = (folder / "README.md").read_text()
+        assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
         # embeddings through the real `openai` client (it asks for base64 by default)
         oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.admin_key, max_retries=0)

@@ -34,6 +34,9 @@ SCOPES = {
     ("GET", "/v1/adapters/{adapter}/versions/{version}"): "predict",
     ("POST", "/v1/adapters/{adapter}/versions/{version}/promote"): "train",
     ("GET", "/v1/adapters/{adapter}/download"): "predict",
+    ("GET", "/v1/adapters/{adapter}/export"): "predict",
+    ("POST", "/v1/adapters/{adapter}/batch"): "predict",
+    ("GET", "/v1/jobs/{job_id}/results"): "predict",
     ("POST", "/v1/adapters/{adapter}/predict"): "predict",
     ("POST", "/v1/embeddings"): "predict",
     ("POST", "/v1/adapters/{adapter}/feedback"): "predict",
@@ -50,6 +53,7 @@ SCOPES = {
 INFER = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["refund"]}]}
 BODIES = {
     "/v1/adapters/{adapter}/predict": {"inputs": TEXTS},
+    "/v1/adapters/{adapter}/batch": {"inputs": TEXTS},
     "/v1/adapters/{adapter}/feedback": {"items": [{"text": "refund", "label": "billing"}]},
     "/v1/adapters/{adapter}/versions": {"training_data": [{"text": "a", "label": "b"}] * 4},
     "/v2/models/{model}/infer": INFER,

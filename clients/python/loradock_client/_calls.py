@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from loradock_client._transport import Call
 from loradock_client.models import (
     Adapter,
+    BatchSubmission,
     FeedbackResult,
     Identity,
     Job,
@@ -204,6 +205,12 @@ def download(adapter: str, version: int | None) -> Call[httpx.Response]:
     return Call("GET", path, raw, params={"version": version}, extra_headers={"Accept": "*/*"})
 
 
+def export(adapter: str, version: int | None, fmt: str) -> Call[httpx.Response]:
+    path = f"/v1/adapters/{seg(adapter)}/export"
+    params = {"version": version, "format": fmt}
+    return Call("GET", path, raw, params=params, extra_headers={"Accept": "*/*"})
+
+
 def import_adapter(path: PathArg, name: str | None) -> Call[Adapter]:
     p = Path(path)
     data = {"name": name} if name else {}
@@ -234,6 +241,30 @@ def write_file(target: Path, content: bytes) -> None:
 
 
 # --- jobs, tenants, keys --------------------------------------------------------------------------
+
+
+def batch(
+    adapter: str, texts: Sequence[Any] | None, file: PathArg | None, version: int | None
+) -> Call[BatchSubmission]:
+    """A batch prediction job over a list (texts, or {"text", "id"} objects) or a file (JSONL,
+    CSV with a text column, or .txt, one text per line)."""
+    path = f"/v1/adapters/{seg(adapter)}/batch"
+    if (texts is None) == (file is None):
+        raise ValueError("give texts or file, not both")
+    if file is not None:
+        p = Path(file)
+        files = {"input_file": (p.name, p.read_bytes(), "application/octet-stream")}
+        data = {"version": str(version)} if version is not None else None
+        return Call("POST", path, one(BatchSubmission), files=files, data=data)
+    body: dict[str, Any] = {"inputs": list(texts or [])}
+    if version is not None:
+        body["version"] = version
+    return Call("POST", path, one(BatchSubmission), json=body)
+
+
+def job_results(job_id: str) -> Call[httpx.Response]:
+    path = f"/v1/jobs/{seg(job_id)}/results"
+    return Call("GET", path, raw, extra_headers={"Accept": "application/x-ndjson"}, read_only=True)
 
 
 def list_jobs(adapter: str | None) -> Call[list[Job]]:

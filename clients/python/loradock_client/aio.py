@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -36,9 +37,10 @@ from loradock_client.batching import (
     ProgressHook,
     apredict_all,
 )
-from loradock_client.errors import StreamInterrupted
+from loradock_client.errors import JobFailed, StreamInterrupted
 from loradock_client.models import (
     Adapter,
+    BatchSubmission,
     FeedbackResult,
     Identity,
     Job,
@@ -281,6 +283,17 @@ class AsyncAdapters(_AsyncResource):
             concurrency=concurrency, on_progress=on_progress,
         )  # fmt: skip
 
+    async def batch(
+        self,
+        adapter: str,
+        texts: Sequence[Any] | None = None,
+        *,
+        file: PathArg | None = None,
+        version: int | None = None,
+    ) -> BatchSubmission:
+        """Like `Client.adapters.batch`."""
+        return await self._client._call(_calls.batch(adapter, texts, file, version))
+
     async def feedback(self, adapter: str, items: FeedbackItems) -> FeedbackResult:
         return await self._client._call(_calls.feedback(adapter, items))
 
@@ -320,6 +333,21 @@ class AsyncJobs(_AsyncResource):
 
     async def cancel(self, job_id: str) -> Job:
         return await self._client._call(_calls.cancel_job(job_id))
+
+    async def results(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """Like `Client.jobs.results`."""
+        response = await self._client._call(_calls.job_results(job_id))
+        return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+    async def wait_results(
+        self, job_id: str, *, poll_seconds: float = 1.0
+    ) -> builtins.list[dict[str, Any]]:
+        """Like `Client.jobs.wait_results`."""
+        while not (job := await self.get(job_id)).done:
+            await asyncio.sleep(poll_seconds)
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        return await self.results(job_id)
 
     async def events(
         self, job_id: str, last_event_id: str | None = None

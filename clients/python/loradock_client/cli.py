@@ -23,6 +23,7 @@ from loradock_client.commands import (
     cmd_adapters_create,
     cmd_adapters_delete,
     cmd_adapters_download,
+    cmd_adapters_export,
     cmd_adapters_import,
     cmd_adapters_list,
     cmd_adapters_retrain,
@@ -30,6 +31,7 @@ from loradock_client.commands import (
     cmd_feedback,
     cmd_jobs_cancel,
     cmd_jobs_list,
+    cmd_jobs_results,
     cmd_jobs_show,
     cmd_jobs_watch,
     cmd_keys_create,
@@ -109,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--version", type=int, help="default: the live version")
     p.add_argument("--output", "-o", help="file or directory [current directory]")
+    p = leaf(ad, "export", cmd_adapters_export, "save a version for peft / sentence-transformers")
+    p.add_argument("adapter")
+    p.add_argument("--version", type=int, help="default: the live version")
+    p.add_argument(
+        "--format", choices=["peft", "sentence-transformers"], default="peft", help="[peft]"
+    )
+    p.add_argument("--output", "-o", help="file or directory [current directory]")
     p = leaf(ad, "import", cmd_adapters_import, "upload an adapter zip")
     p.add_argument("file")
     p.add_argument("--name", help="import under this name")
@@ -124,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="texts per request [64]")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight [4]")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--server-side",
+        action="store_true",
+        help="run the file as one batch job on the server (big files); needs --output",
+    )
 
     p = leaf(top, "feedback", cmd_feedback, "send true labels (for live accuracy)")
     p.add_argument("adapter")
@@ -135,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(jobs, "show", cmd_jobs_show, "one job").add_argument("job")
     leaf(jobs, "watch", cmd_jobs_watch, "follow a job live until it ends").add_argument("job")
     leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued or running job").add_argument("job")
+    p = leaf(jobs, "results", cmd_jobs_results, "save a batch prediction job's results (JSONL)")
+    p.add_argument("job")
+    p.add_argument("--output", "-o", required=True, help="JSONL file to write")
 
     mon = group("monitoring", "drift and overfitting reports")
     leaf(mon, "show", cmd_monitoring_show, "an adapter's report").add_argument("adapter")

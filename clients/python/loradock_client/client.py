@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -37,9 +38,10 @@ from loradock_client.batching import (
     predict_all,
     predict_chunks,
 )
-from loradock_client.errors import StreamInterrupted
+from loradock_client.errors import JobFailed, StreamInterrupted
 from loradock_client.models import (
     Adapter,
+    BatchSubmission,
     FeedbackResult,
     Identity,
     Job,
@@ -324,6 +326,20 @@ class Adapters(_Resource):
             for text, prediction in zip(chunk, result.predictions, strict=True):
                 yield text, prediction, result.version
 
+    def batch(
+        self,
+        adapter: str,
+        texts: Sequence[Any] | None = None,
+        *,
+        file: PathArg | None = None,
+        version: int | None = None,
+    ) -> BatchSubmission:
+        """Queue a server-side batch prediction job over `texts` (strings, or dicts with `text`
+        and an optional `id` echoed in the results) or a `file` (JSONL, CSV with a text column,
+        or .txt), on `version` (default: the live one, pinned now). Follow it with
+        `jobs.get`/`jobs.wait_results`; rows that cannot be predicted are listed as errors."""
+        return self._client._call(_calls.batch(adapter, texts, file, version))
+
     def feedback(self, adapter: str, items: FeedbackItems) -> FeedbackResult:
         """True labels for texts (dicts `{"text","label"}` or `(text, label)` pairs)."""
         return self._client._call(_calls.feedback(adapter, items))
@@ -337,6 +353,22 @@ class Adapters(_Resource):
         """Save a version's zip (default: the live one) to `path`: a file, or a directory where
         it takes the server's filename (default: the current directory). Returns the file."""
         response = self._client._call(_calls.download(adapter, version))
+        target = _calls.download_target(response, adapter, version, path)
+        write_file(target, response.content)
+        return target
+
+    def export(
+        self,
+        adapter: str,
+        version: int | None = None,
+        path: PathArg | None = None,
+        *,
+        format: str = "peft",
+    ) -> Path:
+        """Save a version as a zip other tools load: `format="peft"` (the LoRA adapter folder
+        with its head and model card; head-only for a probe) or `"sentence-transformers"` (a
+        full model, LoRA merged, the head as its last module). `path` as in `download`."""
+        response = self._client._call(_calls.export(adapter, version, format))
         target = _calls.download_target(response, adapter, version, path)
         write_file(target, response.content)
         return target
@@ -416,6 +448,32 @@ class Jobs(_Resource):
         finally:
             display.close()
         return watch_result(state)
+
+    def results(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """A finished prediction job's results: a dict per input row, in input order, with
+        `row` (1-based), `id` when the input had one, and `prediction` or `error`."""
+        response = self._client._call(_calls.job_results(job_id))
+        return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+    def wait_results(
+        self,
+        job_id: str,
+        *,
+        poll_seconds: float = 1.0,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> builtins.list[dict[str, Any]]:
+        """Poll a prediction job until it ends, then return its results (TrainingFailed-like
+        JobFailed when it failed or was cancelled)."""
+        while True:
+            job = self.get(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.done:
+                break
+            time.sleep(poll_seconds)
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        return self.results(job_id)
 
 
 class Tenants(_Resource):

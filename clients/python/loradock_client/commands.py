@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from loradock_client import render
+from loradock_client._calls import write_file
 from loradock_client.batching import BatchProgress
 from loradock_client.client import Client
 from loradock_client.models import JobEvent, TrainingResult
@@ -75,7 +76,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 
 
 def read_labelled(path: str) -> list[dict[str, Any]]:
-    """Rows {"text","label"} from a JSONL or CSV file."""
+    """Rows {"text","label"} (or "labels", a multi-label list) from a JSONL or CSV file."""
     try:
         content = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -85,8 +86,8 @@ def read_labelled(path: str) -> list[dict[str, Any]]:
     else:
         rows = _jsonl_rows(content, path)
     for n, row in enumerate(rows, 1):
-        if "text" not in row or "label" not in row:
-            raise UsageError(f"{path}: row {n} needs 'text' and 'label'")
+        if "text" not in row or ("label" not in row and "labels" not in row):
+            raise UsageError(f"{path}: row {n} needs 'text' and 'label' (or 'labels')")
     return rows
 
 
@@ -267,6 +268,12 @@ def cmd_adapters_download(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_adapters_export(client: Client, args: argparse.Namespace) -> int:
+    path = client.adapters.export(args.adapter, args.version, args.output, format=args.format)
+    emit(args, {"path": str(path)}, f"saved {path}")
+    return EXIT_OK
+
+
 def cmd_adapters_import(client: Client, args: argparse.Namespace) -> int:
     adapter = client.adapters.import_(existing_file(args.file), name=args.name)
     emit(args, adapter, lambda: render.adapter_detail(adapter))
@@ -279,6 +286,10 @@ def cmd_predict(client: Client, args: argparse.Namespace) -> int:
         raise UsageError("give texts as arguments or --file FILE")
     if args.batch_size < 1 or args.concurrency < 1:
         raise UsageError("--batch-size and --concurrency must be at least 1")
+    if args.server_side:
+        if not args.output:
+            raise UsageError("--server-side needs --output FILE")
+        return predict_on_server(client, args, rows, Path(args.output))
     if args.output:
         return predict_to_file(client, args, rows, Path(args.output))
     texts = [str(r["text"]) for r in rows]
@@ -330,6 +341,53 @@ def predict_to_file(
         print(file=sys.stderr)
     summary = {"output": str(target), "rows": written}
     emit(args, summary, f"wrote {written:,} predictions to {target}")
+    return EXIT_OK
+
+
+def predict_on_server(
+    client: Client, args: argparse.Namespace, rows: list[dict[str, Any]], target: Path
+) -> int:
+    """The rows as one server-side batch job: submitted, followed (progress on stderr), and its
+    results written as JSONL like `--output` writes them (rows the server could not predict carry
+    `error`). The job runs on even if this command is stopped: `loradock jobs results JOB`."""
+    items = [{"text": str(r["text"]), "id": i} for i, r in enumerate(rows)]
+    submitted = client.adapters.batch(args.adapter, items, version=args.version)
+    for warning in submitted.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.quiet:
+        print(f"job {submitted.job.id}: {submitted.rows:,} rows on version {submitted.version}",
+              file=sys.stderr)  # fmt: skip
+
+    def progress(job: Any) -> None:
+        p = job.progress
+        if not args.quiet and p.rows:
+            rate = p.rows_per_second or 0
+            line = f"predicted {p.rows_done or 0:,}/{p.rows:,} texts ({rate:,.0f}/s)"
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+
+    results = client.jobs.wait_results(submitted.job.id, on_progress=progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("w", encoding="utf-8") as out:
+        for line in results:
+            record = {**rows[line["id"]]}
+            record.update({k: line[k] for k in ("prediction", "error") if k in line})
+            record["version"] = submitted.version
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    partial.replace(target)
+    emit(args, {"output": str(target), "rows": len(results), "job": submitted.job.id},
+         f"wrote {len(results):,} predictions to {target} (job {submitted.job.id})")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_jobs_results(client: Client, args: argparse.Namespace) -> int:
+    lines = client.jobs.results(args.job)
+    target = Path(args.output)
+    write_file(target, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode())
+    emit(
+        args, {"output": str(target), "rows": len(lines)}, f"wrote {len(lines):,} rows to {target}"
+    )
     return EXIT_OK
 
 

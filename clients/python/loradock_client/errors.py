@@ -90,6 +90,16 @@ class TrainingFailed(LoradockError):
         self.result = result
 
 
+class JobFailed(LoradockError):
+    """A prediction (batch) job ended `failed` or `cancelled`; `job` says how."""
+
+    default_title = "The job did not succeed"
+
+    def __init__(self, job: Any) -> None:
+        super().__init__(f"job {job.id} {job.status}: {job.error or job.stop_reason or ''}")
+        self.job = job
+
+
 class APIError(LoradockError):
     """The server answered with an error status."""
 

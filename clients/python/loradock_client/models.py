@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "multilabel"]
 Promote = Literal["always", "if_better", "never"]
 # A text given different labels: drop its rows with a warning, or refuse the dataset (422).
 OnConflict = Literal["drop", "reject"]
@@ -122,10 +122,16 @@ class JobProgress(Model):
     fold: int | None = None
     folds: int | None = None
     final_fit: bool = False
+    rows: int | None = None  # a prediction (batch) job: rows in all, and done so far
+    rows_done: int | None = None
+    rows_failed: int | None = None
+    rows_per_second: float | None = None
 
     @property
     def fraction(self) -> float | None:
         """Share of the job done (0..1), counting cross-validation folds, when known."""
+        if self.rows and self.rows_done is not None:
+            return min(1.0, self.rows_done / self.rows)
         if not self.steps or self.step is None:
             return None
         done = min(1.0, self.step / self.steps)
@@ -137,6 +143,7 @@ class JobProgress(Model):
 
 class Job(Model):
     id: str
+    kind: str = "train"  # or "predict" (a batch prediction job)
     adapter_id: str
     version: int
     status: str
@@ -154,10 +161,22 @@ class Job(Model):
         return self.status in TERMINAL_JOB_STATES
 
 
+class BatchSubmission(Model):
+    """A queued batch prediction job: its rows, and those that cannot be predicted."""
+
+    job: Job
+    version: int
+    rows: int
+    rows_failed: int = 0
+    warnings: list[str] = Field(default_factory=list)
+
+
 class Prediction(Model):
-    """Classification: `label`, `score` and `scores` per label; regression: `value`."""
+    """Classification: `label`, `score` and `scores` per label; multi-label: `labels` (the
+    predicted set, most confident first) and `scores`; regression: `value`."""
 
     label: str | None = None
+    labels: list[str] | None = None
     score: float | None = None
     scores: dict[str, float] | None = None
     value: float | None = None
