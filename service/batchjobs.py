@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loradock.adapters.core.text import JSONError, encoding_problem, parse_json
+from loradock.adapters.training.data import DatasetError, parse_parquet
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,16 @@ def parse_inputs(
     raw: bytes | list[Any], filename: str | None, *, max_rows: int, max_text_chars: int
 ) -> BatchInput:
     """Rows from a JSON list (`inputs`), or an uploaded file: JSONL (a string or an object with
-    `text` and optionally `id` per line), CSV with a `text` column (and optionally `id`), or plain
-    text (one text per line). Bad rows are kept as errors in their place."""
+    `text` and optionally `id` per line), CSV or Parquet with a `text` column (and optionally
+    `id`), or plain text (one text per line). Bad rows are kept as errors in their place."""
     items: list[Any]
     if isinstance(raw, list):
         items = raw
+    elif (filename or "").lower().endswith(".parquet") or raw[:4] == b"PAR1":
+        try:
+            items = parse_parquet(raw, "input_file", columns=("text", "id"))
+        except DatasetError as e:
+            raise BatchInputError(str(e)) from None
     else:
         try:
             content = raw.decode("utf-8-sig")

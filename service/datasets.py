@@ -161,15 +161,15 @@ def _parse(raw: bytes | Form) -> Any:
                 form[target] = parse_upload(data, filename, target)
             except DatasetError as e:
                 raise dataset_problem(e) from e
-        elif key == "hyperparameters":
+        elif key in ("hyperparameters", "label_names"):
             try:
-                form[key] = parse_json(str(value)) if str(value).strip() else {}
+                form[key] = parse_json(str(value)) if str(value).strip() else None
             except JSONError as e:
-                raise Unprocessable(f"hyperparameters: not a JSON object: {e}") from e
+                raise Unprocessable(f"{key}: not valid JSON: {e}") from e
         else:
             form[key] = value
     if "training_data" not in form:
-        raise Unprocessable("multipart upload needs a training_file (JSONL or CSV)")
+        raise Unprocessable("multipart upload needs a training_file (JSONL, CSV or Parquet)")
     return form
 
 
@@ -191,13 +191,14 @@ def _datasets(task: type[tasks.Task], body: Any, limits: Limits) -> tuple[Datase
         train = validate_rows(
             body.training_data, task, max_rows=limits.max_rows,
             max_text_chars=limits.max_text_chars, on_conflict=body.on_conflict,
+            label_names=body.label_names,
         )  # fmt: skip
         val = None
         if body.validation_data is not None:
             val = validate_rows(
                 body.validation_data, task, max_rows=limits.max_rows,
                 max_text_chars=limits.max_text_chars, dataset="validation_data", min_rows=2,
-                on_conflict=body.on_conflict,
+                on_conflict=body.on_conflict, label_names=body.label_names,
             )  # fmt: skip
             check_validation_labels(train, val)
             remove_leakage(train, val)

@@ -131,9 +131,41 @@ def parse_csv(raw: bytes, dataset: str = "training_data") -> list[dict[str, Any]
     return rows
 
 
+def parse_parquet(
+    raw: bytes,
+    dataset: str = "training_data",
+    columns: Sequence[str] = ("text", "label", "labels", "group"),
+) -> list[dict[str, Any]]:
+    """Rows of a Parquet file's `columns` that exist (a list column for multi-label labels)."""
+    table = read_parquet(raw, dataset)
+    present = [c for c in columns if c in table.column_names]
+    if "text" not in present:
+        raise DatasetError([Problem(None, None, "the Parquet file has no text column (it has "
+                                    f"{table.column_names[:10]})", dataset)])  # fmt: skip
+    rows: list[dict[str, Any]] = table.select(present).to_pylist()
+    return rows
+
+
+def read_parquet(raw: bytes, dataset: str) -> Any:
+    """A pyarrow Table from Parquet bytes; DatasetError when it is not one."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - a dependency of the server package
+        raise DatasetError([Problem(None, None, "Parquet needs pyarrow on the server "
+                                    "(pip install pyarrow)", dataset)]) from None  # fmt: skip
+    try:
+        return pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DatasetError([Problem(None, None, f"not a readable Parquet file: {e}",
+                                    dataset)]) from None  # fmt: skip
+
+
 def parse_upload(raw: bytes, filename: str | None, dataset: str = "training_data") -> list[dict]:
-    """JSONL or CSV, told apart by the file name, else by the first character."""
+    """JSONL, CSV or Parquet, told apart by the file name, else by the first bytes."""
     name = (filename or "").lower()
+    if name.endswith(".parquet") or raw[:4] == b"PAR1":
+        return parse_parquet(raw, dataset)
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return parse_jsonl(raw, dataset)
     if name.endswith(".csv"):
@@ -161,6 +193,7 @@ def validate_rows(
     dataset: str = "training_data",
     min_rows: int = 4,
     on_conflict: str = "drop",
+    label_names: Mapping[str, str] | Sequence[str] | None = None,
 ) -> Dataset:
     """Check every row; raise DatasetError listing the problems, or return a clean Dataset.
 
@@ -179,8 +212,9 @@ def validate_rows(
         )
     problems: list[Problem] = []
     examples: list[tuple[int, Example]] = []
+    names = _id_names(label_names, dataset)
     for i, row in enumerate(rows, start=1):
-        ex = _check_row(i, row, task, max_text_chars, dataset, problems)
+        ex = _check_row(i, row, task, max_text_chars, dataset, problems, names)
         if ex is not None:
             examples.append((i, ex))
     if problems:
@@ -255,6 +289,43 @@ def validate_rows(
     )
 
 
+def _id_names(
+    label_names: Mapping[str, str] | Sequence[str] | None, dataset: str
+) -> dict[str, str] | None:
+    """{id as a string: name} from `label_names` (a list: ids are positions)."""
+    if label_names is None:
+        return None
+    pairs = (
+        list(label_names.items())
+        if isinstance(label_names, Mapping)
+        else [(str(i), name) for i, name in enumerate(label_names)]
+    )
+    names = {str(k).strip(): str(v).strip() for k, v in pairs}
+    if not names or any(not v for v in names.values()) or len(set(names.values())) < len(names):
+        raise DatasetError([Problem(None, "label_names", "label_names must give distinct, "
+                                    "non-empty names", dataset)])  # fmt: skip
+    return names
+
+
+def _rename(value: str | float | tuple[str, ...], names: dict[str, str]) -> Any:
+    """A parsed label with its ids replaced by names (names pass through); ValueError for a
+    value that is neither. Numbers (regression targets) are left alone."""
+    known = set(names.values())
+
+    def one(v: str) -> str:
+        if v in known:
+            return v
+        if v in names:
+            return names[v]
+        raise ValueError(f"label {v!r} is neither an id nor a name of label_names")
+
+    if isinstance(value, tuple):
+        return tuple(sorted({one(v) for v in value}))
+    if isinstance(value, str):
+        return one(value)
+    return value
+
+
 def _check_row(
     i: int,
     row: Mapping[str, Any],
@@ -262,6 +333,7 @@ def _check_row(
     max_text_chars: int,
     dataset: str,
     problems: list[Problem],
+    names: dict[str, str] | None = None,
 ) -> Example | None:
     if not isinstance(row, Mapping):
         problems.append(Problem(i, None, "row must be an object with text and label", dataset))
@@ -290,6 +362,8 @@ def _check_row(
     else:
         try:
             value = task.parse_label(label)
+            if names is not None:
+                value = _rename(value, names)
         except ValueError as e:
             problems.append(Problem(i, "label", str(e), dataset))
     if isinstance(label, str) and (problem := encoding_problem(label)) is not None:

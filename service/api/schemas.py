@@ -100,6 +100,12 @@ class VersionCreate(Strict):
         "them (drop), or refuse the dataset with 422 (reject). Exact duplicates are always "
         "dropped.",
     )
+    label_names: dict[str, str] | list[str] | None = Field(
+        None,
+        description="Names for integer class ids in the rows' labels: a list (the id is the "
+        "position) or an object {id: name}. Rows may then give ids (or names); the adapter's "
+        "labels, predictions and metrics use the names.",
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     promote: Promote = Field(
         "if_better",

@@ -197,3 +197,55 @@ def test_parse_errors_name_the_line():
         parse_csv(b"text,category\nhello,x\n")
     with pytest.raises(DatasetError, match="not UTF-8"):
         parse_csv(b"text,label\n\xff\xfe,x\n")
+
+
+def parquet_bytes(columns):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def test_parquet_uploads_give_rows_with_list_columns_for_multilabel():
+    raw = parquet_bytes({
+        "text": ["refund please", "login broken", "hello"],
+        "labels": [["billing"], ["login", "urgent"], []],
+        "extra": [1, 2, 3],
+    })  # fmt: skip
+    rows = parse_upload(raw, "train.parquet")
+    assert rows == [
+        {"text": "refund please", "labels": ["billing"]},
+        {"text": "login broken", "labels": ["login", "urgent"]},
+        {"text": "hello", "labels": []},
+    ]
+    assert parse_upload(raw, None) == rows  # told by its magic bytes without a name
+    with pytest.raises(DatasetError, match="no text column"):
+        parse_upload(parquet_bytes({"body": ["x"]}), "x.parquet")
+    with pytest.raises(DatasetError, match="not a readable Parquet file"):
+        parse_upload(b"PAR1 but broken", "x.parquet")
+
+
+def test_label_ids_are_mapped_to_names_when_given():
+    rows = [{"text": f"refund {i}", "label": 0} for i in range(3)]
+    rows += [{"text": f"login {i}", "label": "1"} for i in range(3)]
+    rows += [{"text": "shipping by name", "label": "shipping"}, {"text": "ship", "label": 2}]
+    ds = check(rows, label_names=["billing", "login", "shipping"])
+    assert ds.labels == ["billing", "login", "shipping"]
+    assert {e.label for e in ds.examples} == {"billing", "login", "shipping"}
+    same = check(rows, label_names={"0": "billing", "1": "login", "2": "shipping"})
+    assert [e.label for e in same.examples] == [e.label for e in ds.examples]
+    problems, _ = problems_of([*rows, {"text": "odd", "label": 7}], label_names=["a", "b", "c"])
+    # "shipping" (row 7) is no name of these, 7 (row 9) no id
+    assert [p.row for p in problems] == [7, 9]
+    assert all("neither an id nor a name" in p.message for p in problems)
+    multi = check(
+        [{"text": f"t{i}", "labels": [0, 2] if i % 2 else [1]} for i in range(6)],
+        "multilabel", label_names=["x", "y", "z"],
+    )  # fmt: skip
+    assert {e.label for e in multi.examples} == {("x", "z"), ("y",)}
+    with pytest.raises(DatasetError, match="distinct"):
+        check(rows, label_names=["same", "same"])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.adapters.test_data import parquet_bytes
 from tests.datasets import keyword_rows
 from tests.service.test_job_events import idle_client  # noqa: F401 - a fixture
 from tests.service.test_predict_api import TEXTS, predict, trained
@@ -76,6 +77,17 @@ def test_uploaded_files_keep_their_rows_and_ids(app_client, filename, content, i
     bad = [line for line in lines if "error" in line]
     assert len(bad) == body["rows_failed"] == (1 if filename != "in.txt" else 0)
     assert all("label" in line["prediction"] for line in lines if "prediction" in line)
+
+
+def test_a_parquet_file_with_ids(app_client):
+    trained(app_client)
+    raw = parquet_bytes({"id": [10, 11, 12], "text": ["refund my card", "", "late parcel"]})
+    _body, job = submit(app_client, files={"input_file": ("in.parquet", raw)})
+    lines = results(app_client, job["id"])
+    assert [line["id"] for line in lines] == [10, 11, 12]
+    assert lines[1]["error"] == "empty text"
+    assert "prediction" in lines[0]
+    assert "prediction" in lines[2]
 
 
 def test_the_version_is_pinned_at_submission(app_client):

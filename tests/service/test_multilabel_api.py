@@ -4,6 +4,7 @@ and the report's calibration."""
 
 import json
 
+from tests.adapters.test_data import parquet_bytes
 from tests.datasets import multilabel_rows
 from tests.service.test_training_api import FAST, wait_job
 
@@ -92,3 +93,24 @@ def test_a_csv_in_the_long_layout_trains_with_its_rows_united(app_client):
     assert any("united into one row" in w for w in warnings), warnings
     p = app_client.post("/v1/adapters/long/predict", json={"inputs": TEXTS}).json()
     assert len(p["predictions"]) == 3
+
+
+def test_a_parquet_upload_with_label_ids_and_their_names(app_client):
+    rows = multilabel_rows(90, seed=2)
+    topics = ["billing", "login", "shipping"]
+    raw = parquet_bytes({
+        "text": [r["text"] for r in rows],
+        "labels": [[topics.index(x) for x in r["labels"]] for r in rows],  # ids
+    })  # fmt: skip
+    resp = app_client.post(
+        "/v1/adapters",
+        data={"name": "ids", "task": "multilabel", "hyperparameters": json.dumps(FAST),
+              "label_names": json.dumps(topics)},
+        files={"training_file": ("tags.parquet", raw, "application/vnd.apache.parquet")},
+    )  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["adapter"]["labels"] == topics  # names, not ids
+    job = wait_job(app_client, resp.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    scores = app_client.post("/v1/adapters/ids/predict", json={"inputs": TEXTS}).json()
+    assert set(scores["predictions"][0]["scores"]) == set(topics)

@@ -93,7 +93,9 @@ def _jsonl(rows: Rows) -> bytes:
 
 def _upload(path: PathArg) -> tuple[str, bytes, str]:
     p = Path(path)
-    kind = "text/csv" if p.suffix.lower() == ".csv" else "application/x-ndjson"
+    kind = {".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}.get(
+        p.suffix.lower(), "application/x-ndjson"
+    )
     return p.name, p.read_bytes(), kind
 
 

@@ -55,7 +55,9 @@ def emit(args: argparse.Namespace, value: Any, text: str | Callable[[], str]) ->
 
 def read_rows(path: str) -> list[dict[str, Any]]:
     """Rows with a "text" from a file ('-' = stdin): JSONL rows with "text" (other fields kept),
-    a CSV with a text column, or one text per line."""
+    a CSV or Parquet file with a text column, or one text per line."""
+    if Path(path).suffix.lower() == ".parquet":
+        return _parquet_rows(path)
     try:
         content = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -73,6 +75,21 @@ def read_rows(path: str) -> list[dict[str, Any]]:
             raise UsageError(f"{path}: a CSV needs a 'text' column")
         return table
     return [{"text": line} for line in content.splitlines() if line.strip()]
+
+
+def _parquet_rows(path: str) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+    if "text" not in table.column_names:
+        raise UsageError(f"{path}: a Parquet file needs a 'text' column")
+    rows: list[dict[str, Any]] = table.to_pylist()
+    return rows
 
 
 def read_labelled(path: str) -> list[dict[str, Any]]:
