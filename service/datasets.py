@@ -165,7 +165,8 @@ def _parse(raw: bytes | Form) -> Any:
             try:
                 form[key] = parse_json(str(value)) if str(value).strip() else None
             except JSONError as e:
-                raise Unprocessable(f"{key}: not valid JSON: {e}") from e
+                what = "a JSON object" if key == "hyperparameters" else "valid JSON"
+                raise Unprocessable(f"{key}: not {what}: {e}") from e
         else:
             form[key] = value
     if "training_data" not in form:
