@@ -66,6 +66,25 @@ def test_start_up_sweeps_what_no_registry_row_refers_to(settings, metrics):
         assert c.post("/v1/adapters/tickets/predict", json={"inputs": ["x"]}).status_code == 200
 
 
+def test_batch_results_survive_restarts_while_their_job_exists(settings, metrics):
+    with started_client(settings, metrics) as c:
+        trained(c)
+        job = c.post("/v1/adapters/tickets/batch", json={"inputs": ["refund", "login"]}).json()
+        job_id = job["job"]["id"]
+        assert wait_job(c, job_id)["status"] == "succeeded"
+        first = c.get(f"/v1/jobs/{job_id}/results").text
+        adapter = c.get("/v1/adapters/tickets").json()["id"]
+        tenant = store_keys(c)[0].split("/")[0]
+        store = c.app.state.runtime.store
+        store.publish(f"{tenant}/{adapter}/batches/job_gone", {"predictions.jsonl": b"{}\n"})
+        assert datasets(c) == []  # the inputs went when the job ended
+    with started_client(settings, metrics) as c:
+        keys = store_keys(c)
+        assert f"{tenant}/{adapter}/batches/{job_id}" in keys  # its job exists: kept
+        assert f"{tenant}/{adapter}/batches/job_gone" not in keys  # no job: swept
+        assert c.get(f"/v1/jobs/{job_id}/results").text == first
+
+
 def test_a_lost_registry_is_not_replaced_and_the_key_file_is_kept(settings, metrics):
     with started_client(settings, metrics) as c:
         trained(c)
