@@ -116,9 +116,7 @@ def parse_inputs(
                 and not isinstance(item["id"], bool)
             ):
                 out.ids[i] = item["id"]
-        problem = _problem(text, max_text_chars)
-        if isinstance(item, _Bad):
-            problem = item.reason
+        problem = item.reason if isinstance(item, _Bad) else _problem(text, max_text_chars)
         if problem is None:
             out.texts.append(text)
         else:

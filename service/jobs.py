@@ -500,17 +500,20 @@ class JobRunner:
             self._fail(job_id, f"the batch inputs cannot be read: {e}")
             return
         batch = batchjobs.BatchInput.decode(raw)
+        ref: AdapterRef | None = None
         with self.db.session() as s:
             ver = s.scalar(
                 select(Version).where(Version.adapter_id == adapter_id, Version.version == version)
             )
             adapter = s.get(Adapter, adapter_id)
-            if ver is None or adapter is None or ver.status != "ready" or not ver.artifact_key:
-                missing = True
-            else:
-                missing = False
+            if (
+                ver is not None
+                and adapter is not None
+                and ver.status == "ready"
+                and ver.artifact_key
+            ):
                 ref = AdapterRef(adapter_id, version, adapter.name, ver.artifact_key)
-        if missing:
+        if ref is None:
             self._fail(job_id, f"version {version} is no longer servable (deleted or retrained)")
             return
         engine = self.engine
