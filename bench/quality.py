@@ -6,11 +6,14 @@ it never saw:
   pooled embeddings, C from 1e-3..1e3 by 5-fold stratified CV (macro-F1 scoring);
 - ``plain``: the loop a user writes by hand with peft (LoRA r=8 on query/value + a linear head,
   AdamW 5e-4, batch 16, 10 epochs, the last epoch's model; bench/train.py's `run_plain`);
+- ``setfit``: SetFit 1.2 with its paper defaults (contrastive pairs, then logistic regression),
+  run from its own virtual environment (``--setfit-python``; see bench/setfit_run.py);
 - ``loradock``: Trainer with default hyperparameters (or --hp), its own validation split, the
   served model (LoRA or its probe, as the version would serve it).
 
     apt-get install -y fortunes wordnet-base
     .venv/bin/python bench/quality.py [--sets topic glosses names] [--seeds 0] [--no-plain]
+        [--no-probe] [--no-loradock] [--setfit-python /tmp/sfvenv/bin/python]
         [--hp '{"learning_rate": 1e-3}'] [--json out.json]
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,12 +86,24 @@ def run_loradock(base: BaseModel, train: list[dict], test: list[dict], seed: int
     }
 
 
+def run_setfit(python: str, name: str, seed: int, model_dir: Path) -> dict:
+    """bench/setfit_run.py in SetFit's own environment (it pins its own library versions)."""
+    script = Path(__file__).resolve().parent / "setfit_run.py"
+    cmd = [python, str(script), "--set", name, "--seed", str(seed), "--model", str(model_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"setfit failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", nargs="+", default=list(realsets.SETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--no-plain", action="store_true")
     p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--no-loradock", action="store_true")
+    p.add_argument("--setfit-python", default=None, help="a venv's python with setfit installed")
     p.add_argument("--plain-epochs", type=int, default=10)
     p.add_argument("--hp", type=json.loads, default={})
     p.add_argument("--json", type=Path, default=None)
@@ -102,13 +118,16 @@ def main() -> None:
             r: dict = {"train": len(train), "test": len(test)}
             if not args.no_probe:
                 r["probe"] = tuned_probe(base, train, test)
-            r["loradock"] = run_loradock(base, train, test, seed, args.hp)
+            if not args.no_loradock:
+                r["loradock"] = run_loradock(base, train, test, seed, args.hp)
             if not args.no_plain:
                 plain = run_plain(model_dir, train, test, args.plain_epochs, seed, 2.0)
                 r["plain"] = {"f1": plain["final_f1"], "seconds": plain["seconds"]}
+            if args.setfit_python:
+                r["setfit"] = run_setfit(args.setfit_python, name, seed, model_dir)
             results[f"{name}/{seed}"] = r
             print(name, seed, json.dumps(r), flush=True)
-    print("\nset | tuned probe | plain peft LoRA | loradock (served)")
+    print("\nset | tuned probe | plain peft LoRA | SetFit | loradock (served)")
     for name in args.sets:
         rs = [results[f"{name}/{s}"] for s in args.seeds]
 
@@ -116,8 +135,11 @@ def main() -> None:
             vals = [r[key]["f1"] for r in rs if key in r]
             return f"{statistics.median(vals):.4f}" if vals else "-"
 
-        served = ",".join(r["loradock"]["served"] for r in rs)
-        print(f"{name} | {med('probe')} | {med('plain')} | {med('loradock')} ({served})")
+        served = ",".join(r["loradock"]["served"] for r in rs if "loradock" in r)
+        print(
+            f"{name} | {med('probe')} | {med('plain')} | {med('setfit')} | {med('loradock')} "
+            f"({served})"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -60,10 +60,11 @@ def glosses(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return per_class_split(pools, 20, 25, 15, seed)
 
 
-def _name_data() -> list[tuple[str, str, list[str]]]:
-    """(text, person|company, sorted part tags) of every labelled name in probablepeople."""
+def _name_parts_data() -> list[tuple[str, str, list[list[str]]]]:
+    """(text, person|company, [[tag, text], ...] in order, empty parts included) of every
+    labelled name in the probablepeople sdist (fetched from PyPI once, cached)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    target = CACHE / "probablepeople-names.json"
+    target = CACHE / "probablepeople-parts.json"
     if not target.exists():
         with urllib.request.urlopen("https://pypi.org/pypi/probablepeople/json") as r:
             info = json.load(r)
@@ -80,12 +81,18 @@ def _name_data() -> list[tuple[str, str, list[str]]]:
                 assert f is not None
                 root = ET.fromstring(f.read())  # noqa: S314 (the sdist's own data files)
                 for name in root.iter("Name"):
-                    parts = [(el.tag, (el.text or "").strip()) for el in name]
+                    parts = [[el.tag, (el.text or "").strip()] for el in name]
                     text = " ".join(t for _, t in parts if t)
                     if text:
-                        rows.append((text, m.group(1), sorted({tag for tag, _ in parts})))
+                        rows.append((text, m.group(1), parts))
         target.write_text(json.dumps(rows))
     return [tuple(r) for r in json.loads(target.read_text())]  # type: ignore[misc]
+
+
+def _name_data() -> list[tuple[str, str, list[str]]]:
+    """(text, person|company, sorted part tags) of every labelled name in probablepeople."""
+    return [(text, kind, sorted({tag for tag, _ in parts}))
+            for text, kind, parts in _name_parts_data()]  # fmt: skip
 
 
 def names(seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -114,6 +121,35 @@ def name_parts(seed: int = 0, min_count: int = 30) -> tuple[list[dict], list[dic
     random.Random(seed).shuffle(items)
     rows = [{"text": t, "labels": tags} for t, tags in items]
     return rows[:600], rows[600:1000]
+
+
+NAME_SYSTEM = (
+    "Split the name into its labelled parts. Answer with one JSON object mapping each part's "
+    "label (GivenName, Surname, MiddleName, MiddleInitial, FirstInitial, PrefixMarital, "
+    "PrefixOther, SuffixGenerational, SuffixOther, Nickname, CorporationName, "
+    "CorporationLegalType, CorporationNameOrganization, ...) to its text."
+)
+
+
+def name_json(seed: int = 0, train: int = 300, test: int = 100) -> tuple[list[dict], list[dict]]:
+    """Generation: a name -> the JSON object of its labelled parts (tags in order, repeated tags
+    joined by a space), as chat rows; `train` training and `test` held-out names."""
+    data: dict[str, list[list[str]]] = {}
+    for text, _, parts in _name_parts_data():
+        data.setdefault(text, parts)
+    items = sorted(data.items())
+    random.Random(seed).shuffle(items)
+    rows = []
+    for text, parts in items[: train + test]:
+        answer: dict[str, str] = {}
+        for tag, value in (p for p in parts if p[1]):
+            answer[tag] = f"{answer[tag]} {value}" if tag in answer else value
+        rows.append({"messages": [
+            {"role": "system", "content": NAME_SYSTEM},
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": json.dumps(answer)},
+        ]})  # fmt: skip
+    return rows[:train], rows[train:]
 
 
 SETS = {"topic": topic, "glosses": glosses, "names": names}

@@ -15,7 +15,9 @@ from prometheus_client import start_http_server
 from loradock.service.api import (
     adapters,
     batch,
+    completions,
     embeddings,
+    finetuning,
     health,
     jobs,
     monitoring,
@@ -122,6 +124,8 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(predict.router)
     app.include_router(embeddings.router)
+    app.include_router(completions.router)
+    app.include_router(finetuning.router)
     app.include_router(batch.router)
     app.include_router(oip.router)
     app.include_router(monitoring.router)

@@ -132,11 +132,12 @@ def load_settings(overrides: dict[str, Any]) -> Settings:
 
 
 def preflight(settings: Settings) -> None:
-    """Checks that fail fast, before the port is bound: model directory, device and dtype."""
+    """Checks that fail fast, before the port is bound: model directory (a preset's package;
+    a GGUF preset is converted here on first use), device and dtype."""
     from loradock.adapters.core.base import check_model_dir
     from loradock.adapters.core.device import resolve_device, resolve_dtype
 
-    check_model_dir(settings.resolved_base_model())
+    check_model_dir(settings.resolved_base_model().path)
     resolve_dtype(settings.dtype, resolve_device(settings.device))
 
 
@@ -218,10 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from loradock.adapters.core.base import BaseModelError
         from loradock.adapters.core.device import DeviceError
+        from loradock.adapters.core.presets import PresetError
 
         try:
             preflight(settings)
-        except (BaseModelError, DeviceError) as e:
+        except (BaseModelError, DeviceError, PresetError) as e:
             print(f"loradock: {e}", file=sys.stderr)
             return EXIT_CONFIG
         return serve(settings)

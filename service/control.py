@@ -264,6 +264,7 @@ class Control:
             max_lora_rank=s.max_lora_rank,
             serve_targets=tuple(self.runtime.serve_targets()),
             num_layers=self.runtime.base.num_layers if self.runtime.base is not None else 10**6,
+            base_kind=self.runtime.base.kind if self.runtime.base is not None else "encoder",
         )
 
     def _queue(

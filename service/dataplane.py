@@ -15,18 +15,35 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loradock.adapters.artifacts.files import ArtifactError
 from loradock.adapters.artifacts.store import ArtifactNotFound, StoreError
 from loradock.adapters.core.text import encoding_problem
 from loradock.adapters.serving.engine import BatchTooLarge, Engine, RowResult
-from loradock.adapters.serving.slots import AdapterRef, CapacityError, IncompatibleAdapter
+from loradock.adapters.serving.generation import (
+    Generated,
+    PromptTooLong,
+    SamplingParams,
+    generate,
+)
+from loradock.adapters.serving.slots import (
+    AdapterRef,
+    BatchedLoRA,
+    CapacityError,
+    IncompatibleAdapter,
+)
 from loradock.adapters.tasks.base import Task
 from loradock.service.batcher import MicroBatcher
 from loradock.service.db.registry import Database
-from loradock.service.errors import Conflict, LoradockError, NotFound, Unprocessable
+from loradock.service.errors import (
+    Conflict,
+    LoradockError,
+    NotFound,
+    TooManyRequests,
+    Unprocessable,
+)
 from loradock.service.lookup import find_adapter, find_version
 from loradock.service.metrics import Metrics
 from loradock.service.monitor import Monitor
@@ -157,6 +174,8 @@ class DataPlane:
         self.rate_limiter = rate_limiter or TenantRateLimiter(0.0, 1.0)
         if live.on_gone is None:  # deletes on other replicas free this process's copy too
             live.on_gone = self.forget
+        self._generation_lock = asyncio.Lock()
+        self._generation_waiting = 0
 
     def forget(self, adapter_id: str) -> None:
         """Drop a deleted adapter's slots (after in-flight use) and its monitoring window."""
@@ -190,6 +209,11 @@ class DataPlane:
             resident = await self._acquire(ref)
             try:
                 task: Task = resident.state.task
+                if not task.has_head:
+                    raise Unprocessable(
+                        f"{ref.name!r} is a {task.name} adapter: it answers through POST "
+                        "/v1/chat/completions and /v1/completions, not predictions"
+                    )
                 if check is not None:
                     check(task)
                 rows = await self._run(resident, ids, tenant_id)
@@ -216,6 +240,67 @@ class DataPlane:
             ids = await self._admit(tenant_id, texts)
             rows = await self._run(self.engine.base_resident(), ids, tenant_id)
         return None, rows
+
+    async def generate(
+        self,
+        tenant_id: str,
+        adapter: str | None,
+        prompt: Callable[[Any], list[int]],
+        params: SamplingParams,
+        *,
+        n: int = 1,
+        protocol: str,
+    ) -> tuple[AdapterRef | None, list[Generated]]:
+        """`n` generations from the base (`adapter` None) or an adapter's live version, for the
+        prompt `prompt(base)` builds. One generation runs at a time (the simple path; batched
+        decoding is the generation engine's job); waiting requests beyond
+        LORADOCK_MAX_WAITING_GENERATIONS get 429. Serving priority over training as for predict."""
+        with self.metrics_for(protocol, n):
+            self.rate_limiter.take(tenant_id)
+            ids = await asyncio.to_thread(prompt, self.engine.base)
+            ref = resident = None
+            if adapter is not None:
+                ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, None)
+                resident = await self._acquire(ref)
+            try:
+                if resident is not None and resident.state.task.has_head:
+                    raise Unprocessable(
+                        f"{ref.name if ref else adapter!r} is a {resident.state.task.name} "
+                        "adapter, not a generation adapter: use its predict route"
+                    )
+                if self._generation_waiting >= self.settings.max_waiting_generations:
+                    raise TooManyRequests(
+                        f"{self._generation_waiting} generation requests are already waiting "
+                        "(setting LORADOCK_MAX_WAITING_GENERATIONS); retry shortly",
+                        headers={"Retry-After": "1"},
+                    )
+                self._generation_waiting += 1
+                try:
+                    await self._generation_lock.acquire()
+                finally:
+                    self._generation_waiting -= 1
+                try:
+                    out = await asyncio.to_thread(self._generate, resident, ids, params, n)
+                finally:
+                    self._generation_lock.release()
+            finally:
+                if resident is not None:
+                    self.engine.release([resident])
+        return ref, out
+
+    def _generate(
+        self, resident: Any, ids: list[int], params: SamplingParams, n: int
+    ) -> list[Generated]:
+        ctx = BatchedLoRA(self.engine.pool, [resident.slot]) if resident is not None else None
+        results = []
+        with self.engine.gate.serving():
+            for i in range(n):
+                seed = params.seed + i if params.seed is not None else None
+                try:
+                    results.append(generate(self.engine.base, ctx, ids, replace(params, seed=seed)))
+                except PromptTooLong as e:
+                    raise Unprocessable(str(e)) from e
+        return results
 
     async def task_of(self, tenant_id: str, adapter: str, version: int | None) -> Answer:
         """The resolved version and its task, without predicting (model metadata routes)."""

@@ -55,6 +55,7 @@ class Limits:
     max_lora_rank: int
     serve_targets: tuple[str, ...]
     num_layers: int = 1_000_000  # blocks of the base model
+    base_kind: str = "encoder"  # BaseModel.kind: which tasks this server trains
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,22 @@ def prepare(raw: bytes | Form, schema: str, task: str | None, limits: Limits) ->
             f"(serving targets: {list(limits.serve_targets)}; setting "
             "LORADOCK_SERVE_TARGET_MODULES)"
         )
-    task_name = getattr(body, "task", None) or task
+    served = tasks.for_base(limits.base_kind)
+    task_name = getattr(body, "task", None) or task or (served[0] if served else None)
     try:
         task_cls = tasks.get(str(task_name))
     except tasks.UnknownTask as e:
         raise Unprocessable(f"task: {e}") from e
+    if task_cls.base_kind != limits.base_kind:
+        kinds = {"encoder": "an encoder", "causal_lm": "a causal language model"}
+        raise Unprocessable(
+            f"task: {task_cls.name!r} needs {kinds.get(task_cls.base_kind, task_cls.base_kind)} "
+            f"base; this server's base is {kinds.get(limits.base_kind, limits.base_kind)}, "
+            f"which serves {served} (setting LORADOCK_BASE_MODEL)"
+        )
+    problems = task_cls.hyperparameter_problems(hp)
+    if problems:
+        raise Unprocessable(f"hyperparameters.serve: {problems[0]}")
     _check_layers(hp.trainable_layers, limits.num_layers)
     train, val = _datasets(task_cls, body, limits)
     if isinstance(hp.class_weights, dict):

@@ -104,6 +104,43 @@ def _is_oip(request: Request) -> bool:
     return request.url.path == "/v2" or request.url.path.startswith("/v2/")
 
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/files",
+                "/v1/fine_tuning/jobs")  # fmt: skip
+OPENAI_PREFIXES = ("/v1/models/", "/v1/files/", "/v1/fine_tuning/")
+
+
+def is_openai(request: Request) -> bool:
+    """Routes that answer errors in OpenAI's shape (the `openai` client parses it)."""
+    path = request.url.path.rstrip("/")
+    return path in OPENAI_PATHS or path.startswith(OPENAI_PREFIXES)
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """`{"error": {"message", "type", "param", "code"}}`, OpenAI's error body."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def error_response(
     request: Request,
     status: int,
@@ -116,6 +153,14 @@ def error_response(
 ) -> JSONResponse:
     if _is_oip(request):
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
+    if is_openai(request):
+        extra = extra or {}
+        param = extra.get("param")
+        if param is None and extra.get("errors"):  # a validation error: the first field's name
+            loc = [p for p in extra["errors"][0].get("loc", []) if p != "body"]
+            param = ".".join(loc) or None
+        return openai_error(status, detail, param=param, code=extra.get("code") or slug,
+                            headers=headers)  # fmt: skip
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + slug,
         "title": title,
@@ -227,7 +272,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail, items = _validation_detail(list(exc.errors()))
-        status = 400 if _is_oip(request) else 422
+        status = 400 if _is_oip(request) or is_openai(request) else 422
         return error_response(
             request, status, "Invalid request", detail, slug="validation-error",
             extra={"errors": items},

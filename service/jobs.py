@@ -43,7 +43,6 @@ from loradock.adapters.training.served import served_metrics
 from loradock.adapters.training.trainer import (
     Hyperparameters,
     TrainCallbacks,
-    Trainer,
     TrainOutcome,
 )
 from loradock.service import batchjobs
@@ -456,7 +455,7 @@ class JobRunner:
 
         callbacks = TrainCallbacks(on_event=progress.on_event, should_cancel=should_stop)
         try:
-            outcome = Trainer(self.base, self.gate).run(
+            outcome = train.task.trainer(self.base, self.gate).run(
                 train, hp, validation=validation, validation_split=split, callbacks=callbacks
             )
         finally:
@@ -650,7 +649,7 @@ class JobRunner:
         spec: dict[str, Any],
         outcome: TrainOutcome,
     ) -> None:
-        assert outcome.head is not None
+        assert outcome.head is not None or not outcome.task.has_head
         meta = {
             "winner": outcome.winner,
             "winner_reason": outcome.winner_reason,

@@ -411,7 +411,18 @@ class StateCollector:
                 labels=["adapter"]),
             "baseline_won": GaugeMetricFamily(
                 "loradock_adapter_baseline_won",
-                "1 when the linear probe beat LoRA on validation (the probe is served).",
+                "1 when the cheaper alternative beat LoRA on validation and is served (the "
+                "linear probe; for generation, the base model).",
+                labels=["adapter"]),
+            "reference_perplexity": GaugeMetricFamily(
+                "loradock_adapter_reference_perplexity",
+                "Perplexity of the fixed reference text under the live version (generation): "
+                "above the base's, the adapter lost some general language ability.",
+                labels=["adapter"]),
+            "base_reference_perplexity": GaugeMetricFamily(
+                "loradock_adapter_base_reference_perplexity",
+                "Perplexity of the fixed reference text under the base model, as measured when "
+                "the live version was trained (generation).",
                 labels=["adapter"]),
             "live_accuracy": GaugeMetricFamily(
                 "loradock_adapter_live_accuracy",
@@ -443,7 +454,7 @@ class StateCollector:
             versions = dict(s.execute(select(Adapter.id, Adapter.live_version)).all())
         for adapter_id, metrics, baseline, report in rows:
             served = served_metrics(metrics, baseline, (report or {}).get("winner"))
-            won = served["model"] == "probe"
+            won = served["model"] != "lora"
             for key in ("val_loss", "val_accuracy", "val_macro_f1"):
                 if served.get(key) is not None:
                     families[key].add_metric([adapter_id], served[key])
@@ -452,6 +463,9 @@ class StateCollector:
                     [adapter_id], metrics["generalization_gap"]
                 )
             families["baseline_won"].add_metric([adapter_id], 1 if won else 0)
+            for key in ("reference_perplexity", "base_reference_perplexity"):
+                if metrics and metrics.get(key) is not None:
+                    families[key].add_metric([adapter_id], metrics[key])
             n, correct = live.get((adapter_id, versions.get(adapter_id)), (0, 0))
             if n:
                 acc = (correct or 0) / n

@@ -149,9 +149,11 @@ class Runtime:
                 log.warning("start-up sweep of the store failed: %s", describe_failure(e))
 
             t0 = time.perf_counter()
+            resolved = s.resolved_base_model()
             base = BaseModel.load(
-                s.resolved_base_model(), device=s.device, dtype=s.dtype, max_length=s.max_seq_length
-            )
+                resolved.path, device=s.device, dtype=s.dtype, max_length=s.max_seq_length,
+                hf_id=resolved.hf_id,
+            )  # fmt: skip
             base.warm_up()
             load_seconds = time.perf_counter() - t0
             self.base = base

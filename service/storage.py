@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from loradock.adapters.artifacts.store import ArtifactStore, StoreError
-from loradock.service.db.models import Job, Tenant, Version
+from loradock.service.db.models import File, Job, Tenant, Version
 from loradock.service.db.registry import Database
 from loradock.service.errors import PayloadTooLarge
 
@@ -71,6 +71,7 @@ def sweep_orphans(db: Database, store: ArtifactStore, min_age: float = 0.0) -> i
         )
         pending = set(s.scalars(select(Job.id).where(Job.status.in_(("queued", "running")))))
         jobs = set(s.scalars(select(Job.id)))
+        files = set(s.scalars(select(File.id)))
     removed = 0
     for key in keys:
         parts = key.split("/")
@@ -78,6 +79,8 @@ def sweep_orphans(db: Database, store: ArtifactStore, min_age: float = 0.0) -> i
             needed = parts[3] in pending
         elif len(parts) == 4 and parts[2] == "batches":  # a prediction job's results
             needed = parts[3] in jobs
+        elif len(parts) == 4 and parts[1] == "files":  # an uploaded file, while it exists
+            needed = parts[3] in files
         else:
             needed = key in artifacts
         if needed or _age_seconds(store, key) < min_age:

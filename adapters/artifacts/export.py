@@ -51,6 +51,8 @@ def export_files(
     """The files of `model` (a loaded version) in format `fmt`, ready to zip."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; formats: {list(FORMATS)}")
+    if model.head is None:
+        return _generation_export(model, base, fmt, base_model_id=base_model_id, name=name)
     head, spec = model.task.export_head(model.head)
     head_config = {
         "pooling": "mean",
@@ -79,6 +81,53 @@ def export_files(
         files.update(_sentence_transformers(model, base, head))
     files[CARD] = model_card(model, head_config, fmt, name).encode()
     return files
+
+
+def _generation_export(
+    model: AdapterModel, base: BaseModel, fmt: str, *, base_model_id: str, name: str
+) -> dict[str, bytes]:
+    """A generation adapter: the PEFT folder for `AutoModelForCausalLM` (task_type CAUSAL_LM),
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_id), folder)`."""
+    if fmt != "peft":
+        raise ExportError(f"a {model.task.name} adapter exports as peft only (no {fmt} model)")
+    if model.weights is None:
+        raise ExportError(
+            "this version serves the base model without an adapter (the adapter did not beat "
+            "it on validation): there is nothing to export; use the base model itself"
+        )
+    config = model.weights.peft_config(
+        base_model_id, module_prefix=base.lm_prefix, task_type="CAUSAL_LM"
+    )
+    metrics = model.meta.get("metrics") or {}
+    shown = ("val_loss", "val_token_accuracy", "base_val_loss", "base_val_token_accuracy",
+             "reference_perplexity", "base_reference_perplexity", "best_epoch")  # fmt: skip
+    data = model.meta.get("data") or {}
+    card = [
+        "---", "library_name: peft", f"base_model: {base_model_id}",
+        "pipeline_tag: text-generation", "tags:", "- loradock", f"- {model.task.name}", "- lora",
+        "---", "", f"# {name} (version {model.meta.get('version')})", "",
+        f"A LoRA adapter trained by loradock (supervised fine-tuning) on the frozen base "
+        f"`{base_model_id}` (fingerprint `{base.fingerprint}`). LoRA rank "
+        f"{model.weights.spec.rank}, alpha {model.weights.spec.alpha:g} on "
+        f"{len(model.weights.names)} modules ({', '.join(model.weights.spec.target_modules)}).",
+        "", "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_model_id}")',
+        'model = PeftModel.from_pretrained(base, "this folder")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{base_model_id}")  # its chat template',
+        "```", "", "## Validation (held-out rows; loss per target token)", "",
+        "| metric | value |", "|---|---|",
+        *(f"| {k} | {metrics[k]} |" for k in shown if metrics.get(k) is not None),
+        "", f"Data: {data.get('rows')} rows; validation: {data.get('validation')}; "
+        f"{data.get('warnings', 0)} warnings.", "",
+    ]  # fmt: skip
+    return {
+        META: json.dumps(model.meta, indent=2, sort_keys=True).encode(),
+        "adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+        "adapter_model.safetensors": st_save(model.weights.peft_state_dict(base.lm_prefix)),
+        CARD: "\n".join(card).encode(),
+    }
 
 
 def zip_files(files: dict[str, bytes], folder: str) -> bytes:

@@ -1,8 +1,10 @@
 """Adapter artifacts: what a trained version is on disk, and how to run it.
 
 Files of a version (all safetensors or JSON; the store adds manifest.json last):
-- adapter_config.json, adapter_model.safetensors: PEFT LoRA format (absent for a head-only version)
-- head.safetensors: `weight` [out, hidden], `bias` [out]
+- adapter_config.json, adapter_model.safetensors: PEFT LoRA format (absent for a head-only version,
+  and for a generation version that serves the base); for a causal-LM base, `task_type` CAUSAL_LM
+  and keys of the whole `*ForCausalLM` (`PeftModel.from_pretrained` on the base loads them)
+- head.safetensors: `weight` [out, hidden], `bias` [out] (absent for generation: no head)
 - loradock.json: task and the task's own section (`Task.meta`: labels, label scaling, ...), winner
   and why, base fingerprint, metrics
 - reference.json, reference.safetensors: the reference profile for drift
@@ -46,7 +48,7 @@ class AdapterModel:
 
     meta: dict[str, Any]
     task: Task
-    head: LinearHead
+    head: LinearHead | None  # None: a task without a head (generation)
     weights: lora.LoRAWeights | None
 
     @property
@@ -58,6 +60,7 @@ class AdapterModel:
         self, base: BaseModel, texts: Sequence[str], batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(head outputs [n, n_outputs], pooled [n, hidden], token lengths) for texts."""
+        assert self.head is not None, "a task without a head has no head outputs"
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         outs, pools, lengths = [], [], [0] * len(texts)
         head = LinearHead(self.head.weight.to(base.device), self.head.bias.to(base.device))
@@ -85,7 +88,7 @@ def build_files(
     base: BaseModel,
     task: Task,
     meta: dict[str, Any],
-    head: LinearHead,
+    head: LinearHead | None,
     weights: lora.LoRAWeights | None,
     profile_texts: Sequence[str],
     profile_outputs: torch.Tensor | None = None,
@@ -104,10 +107,12 @@ def build_files(
         "base_fingerprint": base.fingerprint,
         "base_model_type": base.model_type,
         "hidden_size": base.hidden_size,
-        "pooling": "mean",
         "max_length": base.max_length,
         "has_lora": weights is not None,
+        "has_head": head is not None,
     }
+    if head is not None:
+        meta["pooling"] = "mean"
     if weights is not None:
         meta["lora"] = {
             "rank": weights.spec.rank,
@@ -117,19 +122,19 @@ def build_files(
             "layers": list(weights.spec.layers) if weights.spec.layers is not None else None,
             "modules": weights.names,
         }
-    files: dict[str, bytes] = {
-        HEAD: st_save(
+    files: dict[str, bytes] = {META: json.dumps(meta, indent=2, sort_keys=True).encode()}
+    if head is not None:
+        files[HEAD] = st_save(
             {"weight": head.weight.contiguous().cpu(), "bias": head.bias.contiguous().cpu()}
-        ),
-        META: json.dumps(meta, indent=2, sort_keys=True).encode(),
-    }
+        )
     if weights is not None:
-        files[PEFT_CONFIG] = json.dumps(
-            weights.peft_config(str(base.path)), indent=2, sort_keys=True
-        ).encode()
-        files[PEFT_WEIGHTS] = st_save(weights.peft_state_dict())
+        config = weights.peft_config(
+            base.hf_id or base.name, module_prefix=base.lm_prefix, task_type=peft_task_type(base)
+        )
+        files[PEFT_CONFIG] = json.dumps(config, indent=2, sort_keys=True).encode()
+        files[PEFT_WEIGHTS] = st_save(weights.peft_state_dict(base.lm_prefix))
     model = AdapterModel(meta=meta, task=task, head=head, weights=weights)
-    if profile_texts:
+    if profile_texts and head is not None:
         outputs, pooled, lengths = model.forward(base, profile_texts)
         if profile_outputs is not None:
             outputs = profile_outputs
@@ -143,6 +148,12 @@ def build_files(
         files[REFERENCE_JSON] = json.dumps(profile, sort_keys=True).encode()
         files[REFERENCE_TENSORS] = st_save(tensors)
     return files
+
+
+def peft_task_type(base: BaseModel) -> str | None:
+    """PEFT's task type of an adapter on this base: CAUSAL_LM for a causal LM; None for an
+    encoder (its head lives outside PEFT; exports say FEATURE_EXTRACTION)."""
+    return "CAUSAL_LM" if base.lm is not None else None
 
 
 def check_fits_base(meta: dict[str, Any], base: BaseModel, where: str) -> None:
@@ -165,8 +176,10 @@ def load_adapter(store: ArtifactStore, key: str, base: BaseModel) -> AdapterMode
         task = tasks.from_meta(meta)
     except (tasks.UnknownTask, TaskStateError) as e:
         raise ArtifactError(f"{key}: {e}") from e
-    head_t = st_load(store.read(key, HEAD))
-    head = LinearHead(weight=head_t["weight"], bias=head_t["bias"])
+    head = None
+    if meta.get("has_head", True):
+        head_t = st_load(store.read(key, HEAD))
+        head = LinearHead(weight=head_t["weight"], bias=head_t["bias"])
     weights = None
     if meta.get("has_lora"):
         spec_d = meta["lora"]
@@ -178,6 +191,8 @@ def load_adapter(store: ArtifactStore, key: str, base: BaseModel) -> AdapterMode
             layers=tuple(spec_d["layers"]) if spec_d.get("layers") is not None else None,
         )
         tensors = st_load(store.read(key, PEFT_WEIGHTS))
-        weights = lora.LoRAWeights.from_peft(spec, tensors, device=base.device, dtype=base.dtype)
+        weights = lora.LoRAWeights.from_peft(
+            spec, tensors, device=base.device, dtype=base.dtype, module_prefix=base.lm_prefix
+        )
         lora.install(base.backbone, weights.names)
     return AdapterModel(meta=meta, task=task, head=head, weights=weights)

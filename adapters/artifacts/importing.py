@@ -155,11 +155,17 @@ def validate_import(
         raise ImportRejected(
             f"{META}: task must be one of {tasks.names()}, not {meta.get('task')!r}"
         ) from None
+    if task.base_kind != base.kind:
+        raise ImportRejected(
+            f"{META}: task {task.name!r} is served by a {task.base_kind} base; this server's "
+            f"base is a {base.kind}"
+        )
     try:
         outputs = task.from_meta(meta).n_outputs
     except TaskStateError as e:
         raise ImportRejected(f"{META}: {e}") from e
-    _check_head(files, outputs, base.hidden_size)
+    if task.has_head:
+        _check_head(files, outputs, base.hidden_size)
     peft_files = {PEFT_CONFIG, PEFT_WEIGHTS} & files.keys()
     if meta.get("has_lora"):
         _check_lora(files, meta, base, served_modules, max_rank)
@@ -270,6 +276,8 @@ def _check_lora(
         if match is None:
             raise ImportRejected(f"{PEFT_WEIGHTS}: unexpected tensor {key!r}")
         module, part = match.group(1), match.group(2)
+        if base.lm_prefix and module.startswith(base.lm_prefix):  # keys of the whole causal LM
+            module = module.removeprefix(base.lm_prefix)
         if module not in shapes:
             raise ImportRejected(f"{PEFT_WEIGHTS}: {module!r} is not a Linear layer of this base")
         if module not in served_modules:

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -102,10 +103,25 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def is_causal_lm(config: PretrainedConfig) -> bool:
+    """Is this checkpoint a causal language model (a `*ForCausalLM` architecture)?"""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+
+
+ENCODER, CAUSAL_LM = "encoder", "causal_lm"
+DEFAULT_MAX_LENGTH = {ENCODER: 256, CAUSAL_LM: 2048}
+
+
 class BaseModel:
     """A frozen backbone plus its tokenizer, placed on one device in one dtype.
 
     Never trained and never copied: adapters wrap its Linear layers, they do not clone it.
+
+    Two kinds: an `encoder` (its pooled hidden states feed task heads) and a `causal_lm` (a
+    decoder-only language model for generation). For a causal LM, `backbone` is the decoder stack
+    (the same module type an encoder's backbone is: module names like `layers.0.self_attn.q_proj`)
+    and `lm` is the whole `*ForCausalLM` around it, sharing its modules: LoRA installed in the
+    backbone is seen by `lm` too.
     """
 
     def __init__(
@@ -117,8 +133,12 @@ class BaseModel:
         device: torch.device,
         dtype: torch.dtype,
         max_length: int,
+        lm: nn.Module | None = None,
+        hf_id: str | None = None,
     ) -> None:
         self.backbone = backbone
+        self.lm = lm
+        self.hf_id = hf_id
         self.tokenizer = tokenizer
         self.path = path
         self.device = device
@@ -134,21 +154,32 @@ class BaseModel:
         *,
         device: str = "auto",
         dtype: str = "auto",
-        max_length: int = 256,
+        max_length: int | None = None,
+        hf_id: str | None = None,
     ) -> BaseModel:
-        """Load tokenizer and backbone from a local directory (never from the network)."""
+        """Load tokenizer and backbone from a local directory (never from the network).
+        `max_length` None: DEFAULT_MAX_LENGTH of the model's kind (capped by the model)."""
         model_dir = check_model_dir(path)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         hf_logging.disable_progress_bar()
+        lm = None
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            backbone = AutoModel.from_pretrained(
-                model_dir, config=config, dtype=torch_dtype, local_files_only=True
-            )
+            if is_causal_lm(config):
+                lm = AutoModelForCausalLM.from_pretrained(
+                    model_dir, config=config, dtype=torch_dtype, local_files_only=True
+                )
+                backbone = lm.get_decoder()
+            else:
+                backbone = AutoModel.from_pretrained(
+                    model_dir, config=config, dtype=torch_dtype, local_files_only=True
+                )
         except Exception as e:  # transformers/safetensors raise many types; report them all alike
             raise BaseModelError(f"could not load base model from {str(model_dir)!r}: {e}") from e
+        if max_length is None:
+            max_length = DEFAULT_MAX_LENGTH[CAUSAL_LM if lm is not None else ENCODER]
         if tokenizer.pad_token is None:
             # Decoder-only tokenizers often have no pad token; padding positions are masked anyway.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -157,9 +188,10 @@ class BaseModel:
         tokenizer.padding_side = "right"
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # we pool ourselves; the CLS pooler would be wasted work
-        backbone.to(torch_device)
-        backbone.requires_grad_(False)
-        backbone.eval()
+        whole = lm if lm is not None else backbone
+        whole.to(torch_device)
+        whole.requires_grad_(False)
+        whole.eval()
         model_max = getattr(config, "max_position_embeddings", None) or max_length
         return cls(
             backbone,
@@ -168,6 +200,8 @@ class BaseModel:
             device=torch_device,
             dtype=torch_dtype,
             max_length=min(max_length, model_max),
+            lm=lm,
+            hf_id=hf_id,
         )
 
     # --- facts ---------------------------------------------------------------------------------
@@ -186,15 +220,32 @@ class BaseModel:
 
     @property
     def is_decoder(self) -> bool:
-        archs = self.config.architectures or []
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-        return causal or bool(getattr(self.config, "is_decoder", False))
+        return is_causal_lm(self.config) or bool(getattr(self.config, "is_decoder", False))
+
+    @property
+    def kind(self) -> str:
+        """`causal_lm` (serves generation) or `encoder` (serves the head-based tasks)."""
+        return CAUSAL_LM if self.lm is not None else ENCODER
+
+    @property
+    def lm_prefix(self) -> str:
+        """Where the backbone sits inside `lm` ('model.' for Llama), '' for an encoder: module
+        names of a PEFT adapter for the whole causal LM are this plus the backbone's names."""
+        if self.lm is None:
+            return ""
+        for name, module in self.lm.named_children():
+            if module is self.backbone:
+                return f"{name}."
+        return ""
+
+    def _whole(self) -> nn.Module:
+        return self.lm if self.lm is not None else self.backbone
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.backbone.parameters())
+        return sum(p.numel() for p in self._whole().parameters())
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.backbone.parameters())
+        return sum(p.numel() * p.element_size() for p in self._whole().parameters())
 
     @property
     def name(self) -> str:
@@ -205,6 +256,7 @@ class BaseModel:
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
+            "kind": self.kind,
             "model_type": self.model_type,
             "decoder": self.is_decoder,
             "hidden_size": self.hidden_size,

@@ -196,15 +196,24 @@ class LoRAWeights(nn.Module):
 
     # --- PEFT interchange ----------------------------------------------------------------------
 
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under PEFT's key names (`base_model.model.<name>.lora_A.weight`)."""
+    def peft_state_dict(self, module_prefix: str = "") -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's key names (`base_model.model.<prefix><name>.lora_A.weight`);
+        `module_prefix` is where the backbone sits in the model PEFT wraps ('model.' for the
+        decoder inside a Llama causal LM, '' for an encoder)."""
         out = {}
         for i, name in enumerate(self.names):
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = self.A[i].detach().contiguous().cpu()
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = self.B[i].detach().contiguous().cpu()
+            key = f"{PEFT_PREFIX}{module_prefix}{name}"
+            out[f"{key}.lora_A.weight"] = self.A[i].detach().contiguous().cpu()
+            out[f"{key}.lora_B.weight"] = self.B[i].detach().contiguous().cpu()
         return out
 
-    def peft_config(self, base_model_name_or_path: str) -> dict[str, Any]:
+    def peft_config(
+        self,
+        base_model_name_or_path: str,
+        *,
+        module_prefix: str = "",
+        task_type: str | None = None,
+    ) -> dict[str, Any]:
         """A PEFT `adapter_config.json` (LoraConfig fields) matching these weights.
 
         target_modules lists the exact module paths rather than suffixes plus
@@ -214,12 +223,12 @@ class LoRAWeights(nn.Module):
         spec = self.spec
         return {
             "peft_type": "LORA",
-            "task_type": None,
+            "task_type": task_type,
             "base_model_name_or_path": base_model_name_or_path,
             "r": spec.rank,
             "lora_alpha": spec.alpha,
             "lora_dropout": spec.dropout,
-            "target_modules": list(self.names),
+            "target_modules": [f"{module_prefix}{n}" for n in self.names],
             "layers_to_transform": None,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -238,14 +247,19 @@ class LoRAWeights(nn.Module):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        module_prefix: str = "",
     ) -> LoRAWeights:
-        """Rebuild from PEFT-named tensors (as written by `peft_state_dict`)."""
+        """Rebuild from PEFT-named tensors (as written by `peft_state_dict` with the same
+        `module_prefix`)."""
         shapes: dict[str, tuple[int, int]] = {}
         suffix_a = ".lora_A.weight"
+        head = f"{PEFT_PREFIX}{module_prefix}"
         for key, t in tensors.items():
             if key.endswith(suffix_a):
-                name = key.removeprefix(PEFT_PREFIX).removesuffix(suffix_a)
-                b = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+                if not key.startswith(head):
+                    raise ValueError(f"LoRA tensor {key} is not under {head}")
+                name = key.removeprefix(head).removesuffix(suffix_a)
+                b = tensors.get(f"{head}{name}.lora_B.weight")
                 if b is None:
                     raise ValueError(f"LoRA weights for {name} have A but no B")
                 if t.shape[0] != spec.rank or b.shape[1] != spec.rank:
@@ -256,7 +270,7 @@ class LoRAWeights(nn.Module):
         weights = cls(spec, shapes, device=device, dtype=dtype)
         with torch.no_grad():
             for i, name in enumerate(weights.names):
-                weights.A[i].copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-                weights.B[i].copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+                weights.A[i].copy_(tensors[f"{head}{name}.lora_A.weight"])
+                weights.B[i].copy_(tensors[f"{head}{name}.lora_B.weight"])
         weights.requires_grad_(False)
         return weights.eval()  # loaded to serve: no dropout on the LoRA path

@@ -95,10 +95,13 @@ class Engine:
                     return res
                 started = time.perf_counter()
                 model = load_adapter(self.store, ref.key, self.base)
-                head = LinearHead(
-                    model.head.weight.to(self.base.device, self.base.dtype),
-                    model.head.bias.to(self.base.device, self.base.dtype),
-                )
+                like = {"device": self.base.device, "dtype": self.base.dtype}
+                if model.head is None:  # generation: no head; its rows are decoded as tokens
+                    head = LinearHead(
+                        torch.zeros(1, self.base.hidden_size, **like), torch.zeros(1, **like)
+                    )
+                else:
+                    head = LinearHead(model.head.weight.to(**like), model.head.bias.to(**like))
                 res = self.pool.load(ref, model.weights, ServedHead(model.task, head), acquire=True)
                 if self.on_load is not None:
                     self.on_load(time.perf_counter() - started)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from loradock.adapters.tasks.base import Task, TaskStateError
 from loradock.adapters.tasks.classification import Classification
+from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.tasks.multilabel import MultiLabel
 from loradock.adapters.tasks.regression import Regression
 
@@ -45,14 +46,23 @@ def from_meta(meta: dict) -> Task:
 register(Classification)
 register(Regression)
 register(MultiLabel)
+register(Generation)
+
+
+def for_base(kind: str) -> list[str]:
+    """Names of the tasks a base of this kind (`BaseModel.kind`) serves, the default first."""
+    return [name for name, task in _REGISTRY.items() if task.base_kind == kind]
+
 
 __all__ = [
     "Classification",
+    "Generation",
     "MultiLabel",
     "Regression",
     "Task",
     "TaskStateError",
     "UnknownTask",
+    "for_base",
     "from_meta",
     "get",
     "names",

@@ -48,6 +48,13 @@ class Task(ABC):
     empty_label_ok: ClassVar[bool] = (
         False  # an empty label cell is a value (no labels), not missing
     )
+    # The kind of base model (`BaseModel.kind`) the task trains on and is served by.
+    base_kind: ClassVar[str] = "encoder"
+    # Head-based tasks (pooled embedding -> head) train with the LP-FT Trainer and serve through
+    # the engine's heads; a task without one (generation) brings its own trainer (`trainer`).
+    has_head: ClassVar[bool] = True
+    # Rows other than {"text", "label", "group"}: the task parses them itself (`check_row`).
+    custom_rows: ClassVar[bool] = False
 
     # --- rows (before any state exists) --------------------------------------------------------
 
@@ -55,6 +62,29 @@ class Task(ABC):
     @abstractmethod
     def parse_label(cls, value: Any) -> str | float | tuple[str, ...]:
         """A row's label as the task stores it; ValueError with a short reason if it is not one."""
+
+    @classmethod
+    def check_row(
+        cls, row: Mapping[str, Any], max_chars: int
+    ) -> tuple[tuple[str, Any] | None, list[tuple[str, str]]]:
+        """For `custom_rows` tasks: ((the row's text key, its label), []) or (None, problems as
+        (field, message))."""
+        raise NotImplementedError
+
+    @classmethod
+    def trainer(cls, base: Any, gate: Any) -> Any:
+        """What trains this task's adapters (`run(train, hp, ...)` -> TrainOutcome)."""
+        from loradock.adapters.training.trainer import Trainer
+
+        return Trainer(base, gate)
+
+    @classmethod
+    def hyperparameter_problems(cls, hp: Any) -> list[str]:
+        """Hyperparameters that make no sense for this task (422 before anything is queued)."""
+        if hp.serve == "base":
+            return ["serve='base' is for generation; a head needs LoRA or the linear probe "
+                    "(serve='probe')"]  # fmt: skip
+        return []
 
     @classmethod
     def merge_labels(cls, labels: Sequence[Any]) -> Any | None:

@@ -336,9 +336,16 @@ def _check_row(
     names: dict[str, str] | None = None,
 ) -> Example | None:
     if not isinstance(row, Mapping):
-        problems.append(Problem(i, None, "row must be an object with text and label", dataset))
+        what = "a generation row" if task.custom_rows else "an object with text and label"
+        problems.append(Problem(i, None, f"row must be {what}", dataset))
         return None
     before = len(problems)
+    if task.custom_rows:
+        parsed, found = task.check_row(row, max_text_chars)
+        problems.extend(Problem(i, f, message, dataset) for f, message in found)
+        if parsed is None:
+            return None
+        return Example(text=parsed[0], label=parsed[1])
     text = row.get("text")
     if not isinstance(text, str):
         problems.append(Problem(i, "text", "missing or not a string", dataset))

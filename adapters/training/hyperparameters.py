@@ -32,6 +32,18 @@ class Hyperparameters(Schema):
         20, ge=1, le=1000, description="Most epochs (early stopping may end sooner)."
     )
     batch_size: int = Field(16, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Batches whose gradients add up to one optimizer step (generation: the "
+        "loss is normalized over the whole accumulated batch's target tokens).",
+    )
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto",
+        description="Generation training: bf16 autocast with fp32 master weights where the "
+        "hardware runs bf16 natively (auto), always (bf16), or plain fp32 (no).",
+    )
     patience: int = Field(
         3, ge=1, le=100, description="Evaluations without improvement before stopping."
     )
@@ -73,12 +85,14 @@ class Hyperparameters(Schema):
         "starting from a more regularized head leaves LoRA something to learn "
         "(measured in bench/README.md).",
     )
-    serve: Literal["best", "lora", "probe"] = Field(
+    serve: Literal["best", "lora", "probe", "base"] = Field(
         "best",
-        description="What the version serves. 'best': LoRA or the linear probe, whichever "
-        "validates better on the task's decision metric (a tie, within one validation text, "
-        "goes to the lower validation loss); 'lora': LoRA even where the probe validates "
-        "better; 'probe': the probe alone, without training LoRA (fast, a head-only adapter).",
+        description="What the version serves. 'best': LoRA or the cheaper alternative (the "
+        "linear probe; for generation the base model without an adapter), whichever validates "
+        "better on the task's decision metric (a tie, within one validation text, goes to the "
+        "lower validation loss); 'lora': LoRA even where the alternative validates better; "
+        "'probe': the probe alone, without training LoRA (head-based tasks); 'base': the base "
+        "model alone (generation).",
     )
     cv_folds: int = Field(5, ge=2, le=10, description="Folds for datasets under 50 rows.")
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-Model = Literal["lora", "probe"]
+Model = Literal["lora", "probe", "base"]
 # Always present in the served record (None when the task has no such score).
 SERVED_KEYS = ("val_loss", "val_accuracy", "val_macro_f1")
 
@@ -20,10 +20,11 @@ def served_metrics(
     baseline: Mapping[str, Any] | None,
     winner: str | None,
 ) -> dict[str, Any]:
-    """`{"model": "lora"|"probe", "val_loss", "val_accuracy", "val_macro_f1", ...}`: every scalar
-    `val_*` metric of the served model (the probe's when the probe won, else LoRA's)."""
-    model: Model = "probe" if winner == "probe" else "lora"
-    source = (baseline if model == "probe" else metrics) or {}
+    """`{"model": "lora"|"probe"|"base", "val_loss", "val_accuracy", "val_macro_f1", ...}`: every
+    scalar `val_*` metric of the served model (the probe's or, for generation, the base's when
+    it won, else LoRA's)."""
+    model: Model = "probe" if winner == "probe" else "base" if winner == "base" else "lora"
+    source = (baseline if model != "lora" else metrics) or {}
     out: dict[str, Any] = {"model": model}
     out.update({k: source.get(k) for k in SERVED_KEYS})
     out.update(

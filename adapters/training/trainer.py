@@ -60,7 +60,7 @@ class TrainOutcome:
     status: str
     stop_reason: StopReason | None
     task: Task
-    winner: Literal["lora", "probe"] | None = None
+    winner: Literal["lora", "probe", "base"] | None = None
     winner_reason: str = ""
     weights: lora.LoRAWeights | None = None
     head: LinearHead | None = None
@@ -95,6 +95,45 @@ class Diverged(Exception):
 
 class Cancelled(Exception):
     pass
+
+
+def check_divergence(value: float, first: float | None, recent: list[float]) -> None:
+    """Diverged when the loss is not finite or the last 10 steps average 10x the first."""
+    if not math.isfinite(value):
+        raise Diverged(f"training loss became {value}")
+    recent.append(value)
+    del recent[:-10]
+    if first is not None and len(recent) == 10:
+        limit = max(10 * first, first + 10)
+        if statistics.fmean(recent) > limit:
+            raise Diverged(
+                "training loss exploded: mean of the last 10 steps "
+                f"{statistics.fmean(recent):.3g} > {limit:.3g} "
+                f"(10x the first step's loss {first:.3g})"
+            )
+
+
+def lora_spec(base: BaseModel, hp: Hyperparameters) -> tuple[lora.LoRASpec, list[str]]:
+    """The LoRA shape `hp` asks for on `base`, and the full names of the layers it adapts."""
+    targets = tuple(hp.target_modules or base.default_target_modules())
+    n = base.num_layers
+    layers: tuple[int, ...] | None
+    if hp.trainable_layers is None:
+        layers = None
+    elif isinstance(hp.trainable_layers, int):
+        k = min(max(hp.trainable_layers, 1), n)
+        layers = tuple(range(n - k, n))
+    else:
+        bad = [i for i in hp.trainable_layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"trainable_layers {bad} outside 0..{n - 1}")
+        layers = tuple(sorted(set(hp.trainable_layers)))
+    spec = lora.LoRASpec(hp.rank, hp.alpha, hp.dropout, targets, layers)
+    linear = [t.name for t in base.linear_targets()]
+    names = lora.select_targets(linear, targets, layers)
+    if not names:
+        raise ValueError(f"target_modules {list(targets)} match no Linear layer of the base")
+    return spec, names
 
 
 class Trainer:
@@ -203,25 +242,7 @@ class Trainer:
         return self.encoder.embed(texts, start, report, between)
 
     def _spec(self, hp: Hyperparameters) -> tuple[lora.LoRASpec, list[str]]:
-        targets = tuple(hp.target_modules or self.base.default_target_modules())
-        n = self.base.num_layers
-        layers: tuple[int, ...] | None
-        if hp.trainable_layers is None:
-            layers = None
-        elif isinstance(hp.trainable_layers, int):
-            k = min(max(hp.trainable_layers, 1), n)
-            layers = tuple(range(n - k, n))
-        else:
-            bad = [i for i in hp.trainable_layers if not 0 <= i < n]
-            if bad:
-                raise ValueError(f"trainable_layers {bad} outside 0..{n - 1}")
-            layers = tuple(sorted(set(hp.trainable_layers)))
-        spec = lora.LoRASpec(hp.rank, hp.alpha, hp.dropout, targets, layers)
-        linear = [t.name for t in self.base.linear_targets()]
-        names = lora.select_targets(linear, targets, layers)
-        if not names:
-            raise ValueError(f"target_modules {list(targets)} match no Linear layer of the base")
-        return spec, names
+        return lora_spec(self.base, hp)
 
     # --- one split -----------------------------------------------------------------------------
 
@@ -482,18 +503,7 @@ class Trainer:
         return outputs
 
     def _check_divergence(self, value: float, first: float | None, recent: list[float]) -> None:
-        if not math.isfinite(value):
-            raise Diverged(f"training loss became {value}")
-        recent.append(value)
-        del recent[:-10]
-        if first is not None and len(recent) == 10:
-            limit = max(10 * first, first + 10)
-            if statistics.fmean(recent) > limit:
-                raise Diverged(
-                    "training loss exploded: mean of the last 10 steps "
-                    f"{statistics.fmean(recent):.3g} > {limit:.3g} "
-                    f"(10x the first step's loss {first:.3g})"
-                )
+        check_divergence(value, first, recent)
 
     @staticmethod
     def _snapshot(weights: lora.LoRAWeights, head: torch.nn.Module) -> dict[str, Any]:

@@ -126,6 +126,9 @@ def _overfitting(ver: Version | None) -> tuple[dict[str, Any], list[str]]:
     report = ver.report or {}
     if report.get("winner") == "probe":
         flags.append("LoRA did not beat the linear probe on validation: serving the probe alone")
+    elif report.get("winner") == "base":
+        flags.append("the adapter did not beat the base model on validation loss: serving the "
+                     "base model alone")  # fmt: skip
     return {
         "verdict": verdict,
         "generalization_gap": gap,
@@ -135,6 +138,27 @@ def _overfitting(ver: Version | None) -> tuple[dict[str, Any], list[str]]:
         "winner": report.get("winner"),
         "winner_reason": report.get("winner_reason"),
     }, flags
+
+
+def _forgetting(ver: Version | None, threshold: float) -> tuple[dict[str, Any], list[str]]:
+    """Generation: the reference text's perplexity under the adapter vs the base. A rise beyond
+    `threshold` (LORADOCK_FORGETTING_THRESHOLD) is flagged: the adapter lost general ability."""
+    m = (ver.metrics if ver is not None else None) or {}
+    adapter, base = m.get("reference_perplexity"), m.get("base_reference_perplexity")
+    if adapter is None or base is None or not base:
+        return {}, []
+    served_base = (ver.report or {}).get("winner") == "base" if ver is not None else False
+    rise = adapter / base - 1
+    out = {"reference_perplexity": adapter, "base_reference_perplexity": base,
+           "rise": round(rise, 4), "threshold": threshold,
+           "verdict": "forgetting" if rise > threshold and not served_base else "ok"}  # fmt: skip
+    flags = []
+    if out["verdict"] == "forgetting":
+        flags.append(
+            f"reference perplexity rose {rise:.0%} (base {base:.2f} -> adapter {adapter:.2f}, "
+            f"threshold {threshold:.0%}): the adapter lost some general language ability"
+        )
+    return out, flags
 
 
 def _drift_flags(drift: dict[str, Any]) -> list[str]:
@@ -177,6 +201,8 @@ def monitoring(
             )
         adapter_id, name, live = row.id, row.name, row.live_version
         overfitting, flags = _overfitting(ver)
+        forgetting, forgot = _forgetting(ver, runtime.settings.forgetting_threshold)
+        flags += forgot
         served = version_served(ver) if ver is not None else {}
         training = {
             "history": ver.history if ver else [],
@@ -207,6 +233,7 @@ def monitoring(
         "live_version": live,
         "training": training,
         "overfitting": overfitting,
+        "forgetting": forgetting,
         "drift": drift,
         "live_accuracy": live_acc,
         "flags": flags,

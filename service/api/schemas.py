@@ -82,7 +82,8 @@ class WhoAmI(BaseModel):
 Promote = Literal["always", "if_better", "never"]
 ROWS_DOC = (
     'Rows {"text": str, "label": str (classification) or number (regression), "group": optional '
-    "str}; a group enables per-group metrics (bias check)."
+    "str}; a group enables per-group metrics (bias check). Generation rows: "
+    '{"messages": [{"role", "content"}, ...]} or {"prompt": str, "completion": str}.'
 )
 
 
@@ -119,10 +120,12 @@ class AdapterCreate(VersionCreate):
         pattern=NAME_PATTERN,
         description=f"Unique per tenant; may not start with {RESERVED_PREFIX!r} (adapter ids do).",
     )
-    task: str = Field(
-        tasks.names()[0],
-        json_schema_extra={"enum": tasks.names()},
-        description="A task this server knows (one plugin each).",
+    task: str | None = Field(
+        None,
+        json_schema_extra={"enum": [*tasks.names(), None]},
+        description="A task this server knows (one plugin each) that its base serves: an "
+        "encoder serves classification, regression and multilabel; a causal LM serves "
+        "generation. Default: the base's first (classification, or generation).",
     )
 
     @field_validator("name")
@@ -135,8 +138,9 @@ class AdapterCreate(VersionCreate):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, v: str) -> str:
-        tasks.get(v)  # UnknownTask (a ValueError) names the known ones
+    def _known_task(cls, v: str | None) -> str | None:
+        if v is not None:
+            tasks.get(v)  # UnknownTask (a ValueError) names the known ones
         return v
 
 

@@ -21,7 +21,7 @@ from loradock.service.api.schemas import (
     WhoAmI,
 )
 from loradock.service.control import Control
-from loradock.service.db.models import Adapter, ApiKey, Job, Tenant, new_id
+from loradock.service.db.models import Adapter, ApiKey, File, Job, Tenant, new_id
 from loradock.service.db.registry import generate_key, hash_key
 from loradock.service.errors import Conflict, NotFound, Unprocessable
 
@@ -183,7 +183,7 @@ def delete_tenant(
         with contextlib.suppress(NotFound):  # deleted meanwhile
             control.delete(tenant_id, adapter_id)
     with db.session() as s:
-        for model in (Job, ApiKey):
+        for model in (Job, ApiKey, File):
             for row in s.scalars(select(model).where(model.tenant_id == tenant_id)):
                 s.delete(row)
         tenant = s.get(Tenant, tenant_id)

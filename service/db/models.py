@@ -151,3 +151,18 @@ class Feedback(Base):
     label: Mapped[str] = mapped_column(String(256))
     predicted: Mapped[str | None] = mapped_column(String(256), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class File(Base):
+    """An uploaded file (OpenAI's Files API): a tenant's JSONL kept in the store for training."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column()
+    rows: Mapped[int] = mapped_column(default=0)
+    key: Mapped[str] = mapped_column(String(256))  # the store entry holding its content
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

