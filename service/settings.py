@@ -223,7 +223,7 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="The monitoring report flags a generation adapter whose reference-text "
-        "perplexity is more than this fraction above the base's (0.2 = 20%).",
+        "perplexity is more than this fraction above the base's (0.2: 20 percent).",
     )
     max_waiting_generations: int = Field(
         16,

@@ -117,8 +117,12 @@ def world(app_client):
     job_id = app_client.get("/v1/jobs").json()["jobs"][0]["id"]
     owner = app_client.get("/v1/tenants").json()["tenants"][0]["id"]
     other = app_client.post("/v1/tenants", json={"name": "other"}).json()["id"]
+    upload = app_client.post("/v1/files", files={"file": ("t.jsonl", b'{"prompt": "a"}\n')},
+                             data={"purpose": "fine-tune"})  # fmt: skip
+    assert upload.status_code == 200, upload.text
     return {
-        "ids": {"adapter": adapter_id, "model": adapter_id, "version": 1, "job_id": job_id},
+        "ids": {"adapter": adapter_id, "model": adapter_id, "version": 1, "job_id": job_id,
+                "file_id": upload.json()["id"]},
         "owner": owner,
         "other": other,
     }
@@ -141,6 +145,8 @@ def test_another_tenants_ids_answer_404_on_every_route(app_client, world):
             assert resp.status_code == 404, where
             if path.startswith("/v2"):
                 assert set(resp.json()) == {"error"}, where
+            elif path.startswith(("/v1/files", "/v1/fine_tuning")):  # OpenAI's error shape
+                assert set(resp.json()["error"]) == {"message", "type", "param", "code"}, where
             else:
                 assert_problem(resp, 404)
             checked += 1
