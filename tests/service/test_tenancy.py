@@ -121,8 +121,13 @@ def world(app_client):
                              data={"purpose": "fine-tune"})  # fmt: skip
     assert upload.status_code == 200, upload.text
     return {
-        "ids": {"adapter": adapter_id, "model": adapter_id, "version": 1, "job_id": job_id,
-                "file_id": upload.json()["id"]},
+        "ids": {
+            "adapter": adapter_id,
+            "model": adapter_id,
+            "version": 1,
+            "job_id": job_id,
+            "file_id": upload.json()["id"],
+        },
         "owner": owner,
         "other": other,
     }
