@@ -187,7 +187,7 @@ class AsyncAdapters(_AsyncResource):
     async def create(
         self,
         name: str,
-        task: Task = "classification",
+        task: Task | None = None,
         *,
         training_data: Rows | None = None,
         training_file: PathArg | None = None,
@@ -211,7 +211,7 @@ class AsyncAdapters(_AsyncResource):
             validation_split=validation_split,
             hyperparameters=hyperparameters,
             promote=promote,
-            fields={"name": name, "task": task, "on_conflict": on_conflict},
+            fields={"name": name, "on_conflict": on_conflict, **({"task": task} if task else {})},
         )
         return await self._finish(await self._client._call(call), wait, progress, on_event)
 

@@ -99,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ad = group("adapters", "create, list, show, retrain, download, import and delete adapters")
     p = leaf(ad, "create", cmd_adapters_create, "create an adapter and train version 1")
     p.add_argument("name")
-    p.add_argument("--task", choices=["classification", "regression"], default="classification")
+    p.add_argument(
+        "--task",
+        choices=["classification", "regression", "multilabel", "generation"],
+        default=None,
+        help="default: the server base's first task (classification, or generation on a causal LM)",
+    )
     _training_options(p)
     p = leaf(ad, "retrain", cmd_adapters_retrain, "train the next version of an adapter")
     p.add_argument("adapter", help="id or name")

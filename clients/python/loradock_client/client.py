@@ -199,7 +199,7 @@ class Adapters(_Resource):
     def create(
         self,
         name: str,
-        task: Task = "classification",
+        task: Task | None = None,
         *,
         training_data: Rows | None = None,
         training_file: PathArg | None = None,
@@ -213,8 +213,10 @@ class Adapters(_Resource):
         progress: bool | ProgressDisplay | None = None,
         on_event: EventHook | None = None,
     ) -> TrainingResult:
-        """Create an adapter and train its version 1 from rows (`{"text", "label", "group"?}`)
-        or a JSONL/CSV file. With `wait`, follow the job (a progress bar on stderr when it is a
+        """Create an adapter and train its version 1 from rows (`{"text", "label", "group"?}`;
+        generation: OpenAI chat or prompt/completion rows) or a JSONL/CSV file; `task` None is
+        the server base's default (classification, or generation on a causal LM). With
+        `wait`, follow the job (a progress bar on stderr when it is a
         terminal, or as `progress` says) and return the trained adapter; a failed or cancelled
         job raises TrainingFailed. Without, return at once with the queued job. A text given
         different labels is dropped with a warning (`on_conflict="drop"`) or refuses the data
@@ -228,7 +230,7 @@ class Adapters(_Resource):
             validation_split=validation_split,
             hyperparameters=hyperparameters,
             promote=promote,
-            fields={"name": name, "task": task, "on_conflict": on_conflict},
+            fields={"name": name, "on_conflict": on_conflict, **({"task": task} if task else {})},
         )
         return self._finish(self._client._call(call), wait, progress, on_event)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Task = Literal["classification", "regression", "multilabel"]
+Task = Literal["classification", "regression", "multilabel", "generation"]
 Promote = Literal["always", "if_better", "never"]
 # A text given different labels: drop its rows with a warning, or refuse the dataset (422).
 OnConflict = Literal["drop", "reject"]
