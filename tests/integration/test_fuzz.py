@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 EXAMPLES = int(os.environ.get("LORADOCK_FUZZ_EXAMPLES", "120"))
 TEXTS = ["refund for my card charge", "login password error"]
 LEAKS = ("Traceback", 'File "/', "site-packages", "/tmp/", "/work/", "sqlalchemy", "sqlite3")
+OPENAI_ROUTES = ("/v1/chat/", "/v1/completions", "/v1/models", "/v1/files", "/v1/fine_tuning")
 FAST = {"learning_rate": 0.05, "init_head_l2": 0.001, "batch_size": 8, "epochs": 2}
 
 
@@ -57,6 +58,12 @@ def check(case, response):
     if path.startswith("/v2"):
         assert ctype.startswith("application/json"), where
         assert isinstance(response.json().get("error"), str), where
+    elif path.startswith(OPENAI_ROUTES):  # OpenAI's shape, which the openai client parses
+        assert ctype.startswith("application/json"), where
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, where
+        assert error["message"], where
+        assert error["type"], where
     else:
         assert ctype.startswith("application/problem+json"), where
         body = response.json()
