@@ -3,6 +3,8 @@ OpenAI-shaped routes, OpenAI-shaped errors, and the base/task rules."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loradock.service.settings import Settings
@@ -149,3 +151,14 @@ def test_an_encoder_refuses_generation(app_client):
     error = openai_error(app_client.post("/v1/chat/completions", json={
         "model": "base", "messages": [{"role": "user", "content": "hi"}]}), 400)  # fmt: skip
     assert "causal-LM" in error["message"]
+
+
+def test_a_jsonl_upload_of_chats_trains(llama_client):
+    c = llama_client
+    data = "".join(json.dumps(r) + "\n" for r in sft_rows(16)).encode()
+    resp = c.post("/v1/adapters", data={"name": "uploaded", "hyperparameters": json.dumps(FAST)},
+                  files={"training_file": ("chats.jsonl", data)})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["adapter"]["task"] == "generation"
+    job = wait_job(c, resp.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
