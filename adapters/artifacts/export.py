@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
-from loradock.adapters.artifacts.files import HEAD, META, AdapterModel
+from loradock.adapters.artifacts.files import HEAD, META, AdapterModel, peft_task_type
 from loradock.adapters.core.base import BaseModel
 
 FORMATS = ("peft", "sentence-transformers")
@@ -96,7 +96,7 @@ def _generation_export(
             "it on validation): there is nothing to export; use the base model itself"
         )
     config = model.weights.peft_config(
-        base_model_id, module_prefix=base.lm_prefix, task_type="CAUSAL_LM"
+        base_model_id, module_prefix=base.lm_prefix, task_type=peft_task_type(base)
     )
     metrics = model.meta.get("metrics") or {}
     shown = ("val_loss", "val_token_accuracy", "base_val_loss", "base_val_token_accuracy",

@@ -12,8 +12,9 @@ what that engine's greedy output is checked against.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +94,11 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _cache_argument(lm: Any) -> str:
-    """The KV cache's keyword: `cache` (transformers >= 5.20) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_argument(forward: Callable[..., Any]) -> str:
+    """The KV cache's keyword of a model class's `forward`: `cache` (transformers >= 5.20) or
+    `past_key_values`; read once per class."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _cache_of(result: Any) -> Any:
@@ -128,7 +131,7 @@ def generate(
     finish = "length"
     text = ""
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=base.device)
-    cache_arg = _cache_argument(base.lm)
+    cache_arg = _cache_argument(type(base.lm).forward)
     with lora.active(ctx):
         # logits_to_keep=1: the prompt's other positions need no vocabulary projection
         result = base.lm(input_ids=ids, use_cache=True, logits_to_keep=1)

@@ -52,6 +52,7 @@ from loradock.adapters.training.trainer import (
     TrainOutcome,
     check_divergence,
     lora_spec,
+    warmup_then_linear_decay,
 )
 
 REFERENCE_TEXT = Path(__file__).with_name("reference.txt")
@@ -286,14 +287,7 @@ class SFTTrainer:
         batches_per_epoch = math.ceil(len(tr) / hp.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
         total_steps = max(1, steps_per_epoch * hp.epochs)
-        warmup = int(total_steps * hp.warmup_ratio)
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = warmup_then_linear_decay(opt, total_steps, hp.warmup_ratio)
         rng = random.Random(hp.seed)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"loss": out.baseline["val_loss"], "epoch": 0, "metrics": None}

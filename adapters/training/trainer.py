@@ -113,6 +113,20 @@ def check_divergence(value: float, first: float | None, recent: list[float]) -> 
             )
 
 
+def warmup_then_linear_decay(
+    opt: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_ratio` of the steps, then linear decay to zero."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
 def lora_spec(base: BaseModel, hp: Hyperparameters) -> tuple[lora.LoRASpec, list[str]]:
     """The LoRA shape `hp` asks for on `base`, and the full names of the layers it adapts."""
     targets = tuple(hp.target_modules or base.default_target_modules())
@@ -323,7 +337,6 @@ class Trainer:
         y_tr = out.task.targets(tr)
         steps_per_epoch = math.ceil(len(tr) / hp.batch_size)
         total_steps = max(1, steps_per_epoch * epochs)
-        warmup = int(total_steps * hp.warmup_ratio)
         head_lr = hp.head_learning_rate or hp.learning_rate
         lora_params = list(weights.parameters())
         opt = torch.optim.AdamW(
@@ -333,12 +346,7 @@ class Trainer:
             ]
         )
 
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = warmup_then_linear_decay(opt, total_steps, hp.warmup_ratio)
         rng = random.Random(hp.seed)
         va_ids = self.encoder.encode(va) if va else Encoded(ids=[])
 

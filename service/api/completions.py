@@ -27,12 +27,12 @@ from loradock.adapters.serving.generation import (
 )
 from loradock.adapters.tasks.generation import parse_messages
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
+from loradock.service.api.embeddings import BASE, base_names
 from loradock.service.db.models import Adapter
 from loradock.service.errors import BadRequest, NotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ReadDep = Depends(require("predict"))
-BASE = "base"
 MAX_TOKENS = 4096
 
 
@@ -140,11 +140,11 @@ class ModelList(BaseModel):
 
 def base_model_names(runtime: Any) -> list[str]:
     """What `model` may say for the base itself, the canonical name first: the preset's name
-    (e.g. smollm2-135m-instruct), its Hugging Face id, `base`, the name /readyz shows."""
+    (e.g. smollm2-135m-instruct), its Hugging Face id, then what /v1/embeddings accepts."""
     base = runtime.base
     configured = (runtime.settings.base_model or "").lower()
-    names = [configured if configured in PRESETS else None, base.hf_id, BASE, base.name,
-             base.name.rsplit("/", 1)[-1]]  # fmt: skip
+    names = [configured if configured in PRESETS else None, base.hf_id, BASE,
+             *sorted(base_names(base.name))]  # fmt: skip
     return list(dict.fromkeys(n for n in names if n))
 
 

@@ -87,10 +87,10 @@ def file_out(f: File) -> FileObject:
                       filename=f.filename, purpose=f.purpose)  # fmt: skip
 
 
-def _find_file(s: Any, tenant_id: str, file_id: str) -> File:
+def _find_file(s: Any, tenant_id: str, file_id: str, param: str = "file_id") -> File:
     f = s.get(File, file_id)
     if f is None or f.tenant_id != tenant_id:
-        raise NotFound(f"no file {file_id!r}", extra={"param": "file_id", "code": "not_found"})
+        raise NotFound(f"no file {file_id!r}", extra={"param": param, "code": "not_found"})
     return f
 
 
@@ -290,16 +290,14 @@ def _hyperparameters(body: FTCreate) -> dict[str, Any]:
         ft = body.method.supervised.hyperparameters
     ft = ft or FTHyperparameters.model_validate({})
     hp: dict[str, Any] = {}
-    if ft.n_epochs != "auto":
-        if not 1 <= int(ft.n_epochs) <= 50:
-            raise BadRequest("hyperparameters.n_epochs must be 1..50",
-                             extra={"param": "hyperparameters.n_epochs"})  # fmt: skip
-        hp["epochs"] = int(ft.n_epochs)
-    if ft.batch_size != "auto":
-        if not 1 <= int(ft.batch_size) <= 256:
-            raise BadRequest("hyperparameters.batch_size must be 1..256",
-                             extra={"param": "hyperparameters.batch_size"})  # fmt: skip
-        hp["batch_size"] = int(ft.batch_size)
+    for name, target, most in (("n_epochs", "epochs", 50), ("batch_size", "batch_size", 256)):
+        value = getattr(ft, name)
+        if value == "auto":
+            continue
+        if not 1 <= int(value) <= most:
+            raise BadRequest(f"hyperparameters.{name} must be 1..{most}",
+                             extra={"param": f"hyperparameters.{name}"})  # fmt: skip
+        hp[target] = int(value)
     if ft.learning_rate_multiplier != "auto":
         m = float(ft.learning_rate_multiplier)
         if not 0 < m <= 100:
@@ -313,10 +311,7 @@ def _hyperparameters(body: FTCreate) -> dict[str, Any]:
 
 def _rows(runtime: Any, db: Any, tenant_id: str, file_id: str, param: str) -> list[dict]:
     with db.session() as s:
-        f = s.get(File, file_id)
-        if f is None or f.tenant_id != tenant_id:
-            raise NotFound(f"no file {file_id!r}", extra={"param": param, "code": "not_found"})
-        key = f.key
+        key = _find_file(s, tenant_id, file_id, param).key
     return parse_jsonl(runtime.store.read(key, CONTENT), file_id)
 
 

@@ -2,13 +2,12 @@
 preset converts once, a generation adapter trains from chats, and the real `openai` client talks
 to it."""
 
-import time
-
 import httpx
 import openai
 import pytest
 
 from loradock.adapters.core.presets import PRESETS, convert_gguf, distribution_file
+from tests.integration.test_jobs_restart import wait_for
 from tests.server import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -24,16 +23,6 @@ QUESTIONS = [
     "Why do cats purr?", "What is photosynthesis?", "How old is the universe?",
     "What language is spoken in Brazil?", "How do magnets work?",
 ]  # fmt: skip
-
-
-def wait_job(c: httpx.Client, job_id: str, timeout: float = 900) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(1)
-    raise TimeoutError(job)
 
 
 def test_smollm2_trains_from_chats_and_answers_the_openai_client(tmp_path):
@@ -61,7 +50,12 @@ def test_smollm2_trains_from_chats_and_answers_the_openai_client(tmp_path):
                 "hyperparameters": {"learning_rate": 2e-3, "epochs": 4, "batch_size": 8},
             })  # fmt: skip
             assert resp.status_code == 202, resp.text
-            job = wait_job(c, resp.json()["job"]["id"])
+            job = wait_for(
+                c,
+                resp.json()["job"]["id"],
+                lambda j: j["status"] not in ("queued", "running"),
+                timeout=900,
+            )
             assert job["status"] == "succeeded", job
             version = c.get("/v1/adapters/robot").json()["versions"][0]
         metrics = version["metrics"]
