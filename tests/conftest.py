@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,48 @@ from tests.tiny_models import build_tiny_bert, build_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Under pytest-xdist (pyproject's addopts run two workers), each worker and every server it starts
+# gets its share of the cores: two torch processes that each use every core slow each other down
+# many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(
+        1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@contextmanager
+def _run_lock(config: pytest.Config, exclusive: bool) -> Iterator[None]:
+    """A readers-writer lock across xdist workers: a test marked `exclusive` runs alone, the others
+    side by side. A turnstile lock keeps a waiting exclusive test from being starved."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:  # not under xdist: nothing runs beside us
+        yield
+        return
+    stem = os.path.join(tempfile.gettempdir(), f"loradock-tests-{workerinput['testrunuid']}")
+    with ExitStack() as stack:
+        turnstile = stack.enter_context(open(stem + ".turnstile", "a"))
+        main = stack.enter_context(open(stem + ".lock", "a"))
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(main, fcntl.LOCK_EX)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(main, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(main, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    exclusive = item.get_closest_marker("exclusive") is not None
+    with _run_lock(item.config, exclusive):
+        yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -82,6 +82,7 @@ def test_lone_surrogates_fail_only_their_own_requests(server):
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # compares latencies: nothing else may load the cores meanwhile
 def test_a_huge_request_does_not_block_another_tenants_small_ones(tmp_path):
     """The real default model: 128 texts of 10,000 characters (32,768 tokens, ~25 s of work on 2
     CPU cores) from one tenant, 1-text predicts from another meanwhile. Before fair passes each of

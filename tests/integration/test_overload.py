@@ -14,7 +14,7 @@ import pytest
 from tests.loadgen import one_adapter_load
 from tests.server import ServerProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 
 SECONDS = float(os.environ.get("LORADOCK_OVERLOAD_SECONDS", "20"))
 QUEUE_WAIT_MS = 1000
