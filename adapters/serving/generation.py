@@ -32,6 +32,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-sequence ids
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
 
 
 @dataclass
