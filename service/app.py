@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
+from loradock.adapters.serving.decode import GenerationEngine
 from loradock.service.api import (
     adapters,
     batch,
@@ -28,7 +29,7 @@ from loradock.service.api import (
 from loradock.service.batcher import MicroBatcher
 from loradock.service.dataplane import DataPlane, LiveVersions
 from loradock.service.errors import UnhandledErrorMiddleware, install_error_handlers
-from loradock.service.metrics import HTTPMetricsMiddleware, Metrics
+from loradock.service.metrics import GenerationMetrics, HTTPMetricsMiddleware, Metrics
 from loradock.service.middleware import OverloadShedMiddleware, RequestBodyGuard
 from loradock.service.runtime import Phase, Runtime
 from loradock.service.settings import Settings
@@ -73,6 +74,21 @@ def create_app(
                 metrics=runtime.metrics,
             )
             batcher.start()
+            generator = None
+            base = runtime.engine.base
+            if base.lm is not None:
+                cuda = base.device.type == "cuda"
+                generator = GenerationEngine(
+                    base,
+                    runtime.engine.pool,
+                    gate=runtime.gate,
+                    max_running=s.generation_max_running or (256 if cuda else 32),
+                    kv_budget_tokens=s.generation_kv_budget_tokens or (262144 if cuda else 16384),
+                    prefill_chunk=s.generation_prefill_chunk_tokens or (2048 if cuda else 256),
+                    max_waiting=s.max_waiting_generations,
+                    queue_timeout=s.generation_queue_seconds,
+                    metrics=GenerationMetrics(runtime.metrics),
+                )
             runtime.serving = DataPlane(
                 runtime.engine,
                 batcher,
@@ -81,6 +97,7 @@ def create_app(
                 monitor=runtime.monitor,
                 metrics=runtime.metrics,
                 rate_limiter=runtime.rate_limiter,
+                generator=generator,
             )
 
         metrics_server = None
@@ -107,6 +124,10 @@ def create_app(
                 await asyncio.shield(starting)
             if runtime.serving is not None:
                 await runtime.serving.batcher.stop()
+                if runtime.serving.generator is not None:  # running streams finish first
+                    await asyncio.to_thread(
+                        runtime.serving.generator.close, settings.shutdown_grace_seconds
+                    )
             runtime.stop()
 
     app = FastAPI(
@@ -141,6 +162,7 @@ def create_app(
     app.add_middleware(
         OverloadShedMiddleware,
         batcher=lambda: runtime.serving.batcher if runtime.serving is not None else None,
+        generator=lambda: runtime.serving.generator if runtime.serving is not None else None,
         metrics=runtime.metrics,
     )
     app.add_middleware(HTTPMetricsMiddleware, metrics=runtime.metrics)

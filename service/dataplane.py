@@ -10,10 +10,13 @@ translate their protocol to and from it. One `AdapterRef` travels the whole path
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,26 +24,30 @@ from typing import Any
 from loradock.adapters.artifacts.files import ArtifactError
 from loradock.adapters.artifacts.store import ArtifactNotFound, StoreError
 from loradock.adapters.core.text import encoding_problem
+from loradock.adapters.serving.decode import (
+    Admitted,
+    EngineOverloaded,
+    Event,
+    Failed,
+    Finished,
+    GenerationEngine,
+    RequestTooLarge,
+    Sequence,
+    Token,
+    TokenLogprob,
+)
 from loradock.adapters.serving.engine import BatchTooLarge, Engine, RowResult
-from loradock.adapters.serving.generation import (
-    Generated,
-    PromptTooLong,
-    SamplingParams,
-    generate,
-)
-from loradock.adapters.serving.slots import (
-    AdapterRef,
-    BatchedLoRA,
-    CapacityError,
-    IncompatibleAdapter,
-)
+from loradock.adapters.serving.generation import PromptTooLong, SamplingParams
+from loradock.adapters.serving.slots import AdapterRef, CapacityError, IncompatibleAdapter
 from loradock.adapters.tasks.base import Task
 from loradock.service.batcher import MicroBatcher
 from loradock.service.db.registry import Database
 from loradock.service.errors import (
+    BadRequest,
     Conflict,
     LoradockError,
     NotFound,
+    NotReady,
     TooManyRequests,
     Unprocessable,
 )
@@ -151,6 +158,110 @@ class LiveVersions:
             )
 
 
+@dataclass
+class Choice:
+    """One finished generation of a request, as a non-streaming answer returns it."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[TokenLogprob]
+
+
+class GenerationFailed(LoradockError):
+    status, slug, title = 503, "generation-failed", "Generation failed"
+
+
+def _once_after(n: int, action: Callable[[], None]) -> Callable[[], None]:
+    """A callable that runs `action` on its n-th call (from any thread)."""
+    lock = threading.Lock()
+    left = [n]
+
+    def done() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            action()
+
+    return done
+
+
+class GenerationStream:
+    """A request's `n` generations in the engine: their events in order, on the event loop."""
+
+    def __init__(self, ref: AdapterRef | None, prompt_tokens: int) -> None:
+        self.ref = ref
+        self.prompt_tokens = prompt_tokens
+        self.seqs: list[Sequence] = []
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._early: list[tuple[int, Event]] = []  # events read while waiting for admission
+        self._ended = 0
+
+    def deliver(self, loop: asyncio.AbstractEventLoop, index: int, event: Event) -> None:
+        """The engine's sink (engine thread): hand the event to the request's loop."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            seq.cancel()
+
+    async def admitted(self) -> None:
+        """Wait until every generation has a place in the batch; a queue timeout is a 429."""
+        waiting = len(self.seqs)
+        while waiting:
+            index, event = await self._queue.get()
+            if isinstance(event, Admitted):
+                waiting -= 1
+                continue
+            self._early.append((index, event))
+            if isinstance(event, Failed):
+                self._raise(event)
+
+    @staticmethod
+    def _raise(event: Failed) -> None:
+        if event.kind == "overloaded":
+            raise TooManyRequests(event.message, retry_after=2)
+        if event.kind == "shutdown":
+            raise NotReady(event.message)
+        raise GenerationFailed(event.message)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, Token | Finished | Failed) until every choice has ended."""
+        while self._ended < len(self.seqs):
+            if self._early:
+                index, event = self._early.pop(0)
+            else:
+                index, event = await self._queue.get()
+            if isinstance(event, Admitted):
+                continue
+            if isinstance(event, Finished | Failed):
+                self._ended += 1
+            yield index, event
+
+    async def collect(self) -> list[Choice]:
+        """Every choice's whole answer (a failed generation raises)."""
+        texts: list[list[str]] = [[] for _ in self.seqs]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in self.seqs]
+        done: list[Finished | None] = [None] * len(self.seqs)
+        async for index, event in self.events():
+            if isinstance(event, Token):
+                texts[index].append(event.text)
+                if event.logprob is not None:
+                    logprobs[index].append(event.logprob)
+            elif isinstance(event, Finished):
+                done[index] = event
+            else:
+                self.cancel()
+                self._raise(event)
+        return [
+            Choice(f.text, f.finish_reason, f.completion_tokens, logprobs[i])
+            for i, f in enumerate(done)
+            if f is not None
+        ]
+
+
 class DataPlane:
     """The engine, the batcher and the live-version cache behind every predict-like route."""
 
@@ -164,8 +275,10 @@ class DataPlane:
         monitor: Monitor | None = None,
         metrics: Metrics | None = None,
         rate_limiter: TenantRateLimiter | None = None,
+        generator: GenerationEngine | None = None,
     ) -> None:
         self.engine = engine
+        self.generator = generator  # the decode engine, on a causal-LM base
         self.batcher = batcher
         self.live = live
         self.settings = settings
@@ -174,8 +287,6 @@ class DataPlane:
         self.rate_limiter = rate_limiter or TenantRateLimiter(0.0, 1.0)
         if live.on_gone is None:  # deletes on other replicas free this process's copy too
             live.on_gone = self.forget
-        self._generation_lock = asyncio.Lock()
-        self._generation_waiting = 0
 
     def forget(self, adapter_id: str) -> None:
         """Drop a deleted adapter's slots (after in-flight use) and its monitoring window."""
@@ -191,7 +302,7 @@ class DataPlane:
         tenant_id: str,
         adapter: str,
         version: int | None,
-        texts: Sequence[str],
+        texts: Seq[str],
         *,
         protocol: str,
         observe: bool = True,
@@ -225,7 +336,7 @@ class DataPlane:
         return Answer(ref=ref, task=task, predictions=predictions, rows=rows)
 
     async def embed(
-        self, tenant_id: str, adapter: str | None, texts: Sequence[str]
+        self, tenant_id: str, adapter: str | None, texts: Seq[str]
     ) -> tuple[AdapterRef | None, list[RowResult]]:
         """Pooled embeddings of texts from the frozen base (`adapter` None) or from an adapter's
         live version (its LoRA-adapted encoder), through the same batcher, limits and metrics as
@@ -241,7 +352,7 @@ class DataPlane:
             rows = await self._run(self.engine.base_resident(), ids, tenant_id)
         return None, rows
 
-    async def generate(
+    async def start_generation(
         self,
         tenant_id: str,
         adapter: str | None,
@@ -250,11 +361,19 @@ class DataPlane:
         *,
         n: int = 1,
         protocol: str,
-    ) -> tuple[AdapterRef | None, list[Generated]]:
+        prompt_field: str = "prompt",
+    ) -> GenerationStream:
         """`n` generations from the base (`adapter` None) or an adapter's live version, for the
-        prompt `prompt(base)` builds. One generation runs at a time (the simple path; batched
-        decoding is the generation engine's job); waiting requests beyond
-        LORADOCK_MAX_WAITING_GENERATIONS get 429. Serving priority over training as for predict."""
+        prompt `prompt(base)` builds, in the continuous-batching engine; returns once all `n`
+        have a place in the decode batch (their events then stream from the result).
+
+        The version is resolved and its slot held once, for all `n`, until the last one ends:
+        a promotion meanwhile lets these finish on the version they started with. A request
+        that waited longer than LORADOCK_GENERATION_QUEUE_SECONDS, or finds the queue full, gets
+        429; one that cannot fit the context or the KV budget, 400."""
+        generator = self.generator
+        if generator is None:
+            raise Unprocessable("this server's base is not a causal LM: it does not generate")
         with self.metrics_for(protocol, n):
             self.rate_limiter.take(tenant_id)
             ids = await asyncio.to_thread(prompt, self.engine.base)
@@ -262,45 +381,51 @@ class DataPlane:
             if adapter is not None:
                 ref = await asyncio.to_thread(self.live.resolve, tenant_id, adapter, None)
                 resident = await self._acquire(ref)
+            stream = GenerationStream(ref, len(ids))
+            handed_over = False
             try:
                 if resident is not None and resident.state.task.has_head:
                     raise Unprocessable(
                         f"{ref.name if ref else adapter!r} is a {resident.state.task.name} "
                         "adapter, not a generation adapter: use its predict route"
                     )
-                if self._generation_waiting >= self.settings.max_waiting_generations:
-                    raise TooManyRequests(
-                        f"{self._generation_waiting} generation requests are already waiting "
-                        "(setting LORADOCK_MAX_WAITING_GENERATIONS); retry shortly",
-                        headers={"Retry-After": "1"},
+                held = [resident] if resident is not None else []
+                release = _once_after(n, lambda: self.engine.release(held))
+                loop = asyncio.get_running_loop()
+                stream.seqs = [
+                    Sequence(
+                        ids,
+                        replace(params, seed=params.seed + i if params.seed is not None else None),
+                        slot=resident.slot if resident is not None else 0,
+                        sink=functools.partial(stream.deliver, loop, i),
+                        on_done=release,
+                        tag=i,
                     )
-                self._generation_waiting += 1
+                    for i in range(n)
+                ]
                 try:
-                    await self._generation_lock.acquire()
-                finally:
-                    self._generation_waiting -= 1
+                    for seq in stream.seqs:
+                        generator.prepare(seq)
+                except (PromptTooLong, RequestTooLarge) as e:
+                    raise BadRequest(
+                        str(e), extra={"param": prompt_field, "code": "context_length_exceeded"}
+                    ) from e
                 try:
-                    out = await asyncio.to_thread(self._generate, resident, ids, params, n)
-                finally:
-                    self._generation_lock.release()
+                    generator.submit(stream.seqs)
+                except EngineOverloaded as e:
+                    raise TooManyRequests(f"{e}; retry shortly", retry_after=1) from e
+                except RuntimeError as e:
+                    raise NotReady(str(e)) from e
+                handed_over = True  # from here the engine releases the slot when they end
             finally:
-                if resident is not None:
+                if not handed_over and resident is not None:
                     self.engine.release([resident])
-        return ref, out
-
-    def _generate(
-        self, resident: Any, ids: list[int], params: SamplingParams, n: int
-    ) -> list[Generated]:
-        ctx = BatchedLoRA(self.engine.pool, [resident.slot]) if resident is not None else None
-        results = []
-        with self.engine.gate.serving():
-            for i in range(n):
-                seed = params.seed + i if params.seed is not None else None
-                try:
-                    results.append(generate(self.engine.base, ctx, ids, replace(params, seed=seed)))
-                except PromptTooLong as e:
-                    raise Unprocessable(str(e)) from e
-        return results
+            try:
+                await stream.admitted()
+            except BaseException:
+                stream.cancel()
+                raise
+        return stream
 
     async def task_of(self, tenant_id: str, adapter: str, version: int | None) -> Answer:
         """The resolved version and its task, without predicting (model metadata routes)."""
@@ -309,7 +434,7 @@ class DataPlane:
         self.engine.release([resident])
         return Answer(ref=ref, task=resident.state.task, predictions=[], rows=[])
 
-    async def _admit(self, tenant_id: str, texts: Sequence[str]) -> list[list[int]]:
+    async def _admit(self, tenant_id: str, texts: Seq[str]) -> list[list[int]]:
         """Rate limit, input checks, tokenizing once, the token limit: every text's way in."""
         self.rate_limiter.take(tenant_id)
         self.check_inputs(texts)
@@ -317,7 +442,7 @@ class DataPlane:
         self.check_tokens(ids)
         return ids
 
-    def check_inputs(self, texts: Sequence[str]) -> None:
+    def check_inputs(self, texts: Seq[str]) -> None:
         s = self.settings
         if not texts:
             raise Unprocessable("inputs is empty")
@@ -338,7 +463,7 @@ class DataPlane:
             if problem is not None:
                 raise Unprocessable(f"inputs[{i}]: {problem}")
 
-    def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
+    def check_tokens(self, ids: Seq[Seq[int]]) -> None:
         tokens = sum(len(row) for row in ids)
         limit = self.settings.max_request_tokens
         if tokens > limit:

@@ -137,6 +137,52 @@ class Metrics:
         self.queue_rows = Gauge(
             "loradock_queue_rows", "Rows waiting in the micro-batcher.", registry=r
         )
+        # Generation (chat/completions through the continuous-batching engine)
+        self.generation_ttft = Histogram(
+            "loradock_generation_time_to_first_token_seconds",
+            "From a generation entering the queue to its first token (queue, prefill, sampling).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_itl = Histogram(
+            "loradock_generation_inter_token_seconds",
+            "Time between two tokens of one generation.",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.generation_prompt_tokens = Counter(
+            "loradock_generation_prompt_tokens",
+            "Prompt tokens of finished generations.",
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "loradock_generation_tokens",
+            "Tokens generated (finished generations).",
+            registry=r,
+        )
+        self.generation_ended = Counter(
+            "loradock_generation_sequences",
+            "Generations ended, by reason: stop, length, cancelled (the client went away), "
+            "overloaded (queue wait), shutdown, internal.",
+            ["reason"],
+            registry=r,
+        )
+        self.generation_running = Gauge(
+            "loradock_generation_running_sequences",
+            "Generations in the decode batch (or being prefilled).",
+            registry=r,
+        )
+        self.generation_waiting = Gauge(
+            "loradock_generation_waiting_sequences",
+            "Generations waiting for a place in the decode batch.",
+            registry=r,
+        )
+        self.generation_kv_usage = Gauge(
+            "loradock_generation_kv_cache_usage_ratio",
+            "KV-cache entries the decode batch holds, as a share of "
+            "LORADOCK_GENERATION_KV_BUDGET_TOKENS.",
+            registry=r,
+        )
         self.adapter_load_seconds = Histogram(
             "loradock_adapter_load_duration_seconds",
             "Time to make a stored adapter servable (read, verify, copy into a slot).",
@@ -473,3 +519,29 @@ class StateCollector:
                 if served.get("val_accuracy") is not None:
                     families["live_gap"].add_metric([adapter_id], served["val_accuracy"] - acc)
         yield from families.values()
+
+
+class GenerationMetrics:
+    """The generation engine's reports (adapters/serving/decode.EngineMetrics) as Prometheus
+    series."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def first_token(self, seconds: float) -> None:
+        self.m.generation_ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.m.generation_itl.observe(seconds)
+
+    def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.m.generation_prompt_tokens.inc(prompt_tokens)
+        self.m.generation_tokens.inc(completion_tokens)
+
+    def ended(self, reason: str) -> None:
+        self.m.generation_ended.labels(reason).inc()
+
+    def state(self, running: int, waiting: int, kv_tokens: int, kv_budget: int) -> None:
+        self.m.generation_running.set(running)
+        self.m.generation_waiting.set(waiting)
+        self.m.generation_kv_usage.set(kv_tokens / kv_budget if kv_budget else 0.0)

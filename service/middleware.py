@@ -11,17 +11,20 @@ from collections.abc import Callable
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loradock.adapters.serving.decode import GenerationEngine
 from loradock.service.batcher import MicroBatcher
 from loradock.service.errors import (
     BadRequest,
     LoradockError,
     PayloadTooLarge,
     RequestTimeout,
+    TooManyRequests,
     error_response,
 )
 from loradock.service.metrics import Metrics
 
 _PREDICT = re.compile(r"^/v1/adapters/[^/]+/predict$|^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+_GENERATE = re.compile(r"^/v1/(chat/)?completions/?$")
 
 
 async def send_error(
@@ -77,15 +80,31 @@ class OverloadShedMiddleware:
         app: ASGIApp,
         batcher: Callable[[], MicroBatcher | None],
         metrics: Metrics | None = None,
+        generator: Callable[[], GenerationEngine | None] | None = None,
     ) -> None:
         self.app = app
         self.batcher = batcher
+        self.generator = generator or (lambda: None)
         self.metrics = metrics
         self._flows: OrderedDict[bytes, str] = OrderedDict()  # header digest -> tenant id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST":
             path = str(scope.get("path", ""))
+            generator = self.generator() if _GENERATE.match(path) else None
+            if generator is not None and generator.waiting() >= generator.max_waiting:
+                # The generation queue is full: refused before the body is even parsed.
+                if self.metrics is not None:
+                    protocol = "chat" if "chat" in path else "completions"
+                    self.metrics.predict_failures.labels(protocol, "overloaded").inc()
+                keep_alive = await _drain(receive)
+                busy = TooManyRequests(
+                    f"{generator.waiting()} generations are already waiting for the decode "
+                    "batch (setting LORADOCK_MAX_WAITING_GENERATIONS); retry shortly",
+                    retry_after=1,
+                )
+                await send_error(scope, receive, send, busy, keep_alive=keep_alive)
+                return
             batcher = self.batcher() if _PREDICT.match(path) else None
             if batcher is None:
                 await self.app(scope, receive, send)

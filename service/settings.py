@@ -226,11 +226,40 @@ class Settings(BaseSettings):
         "perplexity is more than this fraction above the base's (0.2: 20 percent).",
     )
     max_waiting_generations: int = Field(
-        16,
+        256,
         ge=1,
-        le=10_000,
-        description="Generation requests (chat/completions) waiting for the generator, which "
-        "runs one at a time, before more get 429.",
+        le=100_000,
+        description="Generations (chat/completions choices) waiting for a place in the running "
+        "decode batch before more get 429, at the door.",
+    )
+    generation_max_running: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Sequences decoded together in one batch at most; default 32 on CPU, 256 on "
+        "CUDA.",
+    )
+    generation_kv_budget_tokens: int | None = Field(
+        None,
+        ge=64,
+        le=16_777_216,
+        description="KV-cache entries the running decode batch may hold (rows x the longest "
+        "prompt + max_tokens among them): a request is admitted only when it fits, so the cache "
+        "never outgrows memory; default 16384 on CPU, 262144 on CUDA.",
+    )
+    generation_prefill_chunk_tokens: int | None = Field(
+        None,
+        ge=16,
+        le=65_536,
+        description="Prompt tokens prefilled between two decode steps: a longer prompt is "
+        "prefilled in chunks, so running streams keep flowing; default 256 on CPU, 2048 on CUDA.",
+    )
+    generation_queue_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="A generation that waited this long for a place in the decode batch gets "
+        "429 with Retry-After (0 = wait indefinitely).",
     )
     max_queue_wait_ms: float = Field(
         2000.0,

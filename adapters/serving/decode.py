@@ -105,6 +105,7 @@ class EngineMetrics(Protocol):
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def ended(self, reason: str) -> None: ...
     def state(self, running: int, waiting: int, kv_tokens: int, kv_budget: int) -> None: ...
 
 
@@ -493,10 +494,12 @@ class GenerationEngine:
         if self.metrics is not None:
             self.metrics.state(self.running(), self.waiting(), self.kv_tokens(), self.kv_budget)
 
-    def _end(self, seq: Sequence, event: Event) -> None:
+    def _end(self, seq: Sequence, event: Finished | Failed) -> None:
         if seq.done:
             return
         seq.done = True
+        if self.metrics is not None:
+            self.metrics.ended(event.finish_reason if isinstance(event, Finished) else event.kind)
         try:
             seq.sink(event)
         finally:

@@ -2,24 +2,34 @@
 
 `model` is one of the caller's generation adapters (name or id: its live version), or the base
 model itself (`base`, the preset name such as `smollm2-135m-instruct`, its Hugging Face id, or the
-name /readyz shows) for no adapter. Non-streaming, one generation at a time: the correct, simple
-path (`adapters/serving/generation.py`); streaming and batched decoding are the generation
-engine's. Errors on these routes are in OpenAI's shape, `{"error": {"message", "type", "param",
-"code"}}` (service/errors.py), so the `openai` client raises its usual exceptions.
+name /readyz shows) for no adapter. Requests from every tenant and adapter share the
+continuous-batching decode engine (`adapters/serving/decode.py`).
+
+`stream: true` answers with server-sent events in OpenAI's chunk format: each choice's first delta
+carries the role, its last one the `finish_reason`, then `data: [DONE]`;
+`stream_options.include_usage` adds a usage chunk before it; a failure mid-stream is an
+`{"error": ...}` event. A client that disconnects (streaming or not) frees its rows at the next
+decode step. Errors are in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`
+(service/errors.py), so the `openai` client raises its usual exceptions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from loradock.adapters import tasks
 from loradock.adapters.core.presets import PRESETS
+from loradock.adapters.serving.decode import Failed, Finished, Token, TokenLogprob
 from loradock.adapters.serving.generation import (
     SamplingParams,
     chat_prompt_ids,
@@ -28,16 +38,27 @@ from loradock.adapters.serving.generation import (
 from loradock.adapters.tasks.generation import parse_messages
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.embeddings import BASE, base_names
+from loradock.service.dataplane import Choice, GenerationStream
 from loradock.service.db.models import Adapter
-from loradock.service.errors import BadRequest, NotFound
+from loradock.service.errors import BadRequest, LoradockError, NotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ReadDep = Depends(require("predict"))
 MAX_TOKENS = 4096
 
 
+class ClientClosedRequest(LoradockError):
+    status, slug, title = 499, "client-closed-request", "Client closed request"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
-    """What both routes take; OpenAI fields loradock does not implement are refused by name."""
+    """What both routes take. Unknown OpenAI fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -48,8 +69,10 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=16)  # an extension (vLLM's name)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
@@ -60,25 +83,38 @@ class _Sampling(BaseModel):
             raise ValueError("up to 4 non-empty stop strings")
         return v
 
-    def params(self) -> SamplingParams:
-        if self.stream:
-            raise BadRequest("stream: streaming is not available yet; send stream=false")
+    def params(self, vocab: int, logprobs: int | None) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        bad = [t for t in self.stop_token_ids or [] if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(
+                f"stop_token_ids: {bad[0]} is not a token id of this model (0..{vocab - 1})",
+                extra={"param": "stop_token_ids"},
+            )
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or 256,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=tuple(stops),
             seed=self.seed,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logprobs=logprobs,
         )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(max_length=1_000_000)
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 class Usage(BaseModel):
@@ -96,7 +132,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -113,7 +149,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Completion(BaseModel):
@@ -161,74 +197,230 @@ def _check_generation_base(runtime: Any) -> None:
         )
 
 
-async def _generate(plane: Any, tenant_id: str, adapter: str | None, *args: Any,
-                    **kwargs: Any) -> Any:  # fmt: skip
+async def _start(
+    runtime: Any, principal: Any, body: _Sampling, prompt: Callable[[Any], list[int]],
+    logprobs: int | None, protocol: str, prompt_field: str,
+) -> GenerationStream:  # fmt: skip
+    plane = runtime.require_serving()
+    params = body.params(len(runtime.base.tokenizer), logprobs)
     try:
-        return await plane.generate(tenant_id, adapter, *args, **kwargs)
+        return await plane.start_generation(
+            principal.tenant_id, _adapter_of(runtime, body.model), prompt, params, n=body.n,
+            protocol=protocol, prompt_field=prompt_field,
+        )  # fmt: skip
     except NotFound as e:  # OpenAI's code for it, so clients can tell it from a missing route
         raise NotFound(e.detail, extra={"param": "model", "code": "model_not_found"}) from e
 
 
-def _usage(results: list[Any]) -> Usage:
-    prompt = results[0].prompt_tokens if results else 0
-    completion = sum(r.completion_tokens for r in results)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)  # fmt: skip
+async def _unless_disconnected(request: Request, stream: GenerationStream) -> list[Choice]:
+    """The whole answer, but a client that goes away meanwhile frees its rows at once."""
+    task = asyncio.ensure_future(stream.collect())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                stream.cancel()
+                task.cancel()
+                raise ClientClosedRequest("the client disconnected before the answer was ready")
+    finally:
+        if not task.done():
+            stream.cancel()
+            task.cancel()
+
+
+def _usage(stream: GenerationStream, completion_tokens: int) -> Usage:
+    prompt = stream.prompt_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens,
+                 total_tokens=prompt + completion_tokens)  # fmt: skip
+
+
+def _chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(k, v) for k, v in t.top]}
+            for t in items
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [dict(t.top) for t in items],
+        "text_offset": offsets,
+    }
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def _error_event(event: Failed) -> bytes:
+    kind = "rate_limit_error" if event.kind == "overloaded" else "server_error"
+    return _sse({"error": {"message": event.message, "type": kind, "param": None,
+                           "code": event.kind}})  # fmt: skip
+
+
+async def _events(
+    stream: GenerationStream,
+    head: dict[str, Any],
+    include_usage: bool,
+    first: Callable[[int], dict[str, Any]],
+    piece: Callable[[int, Token], dict[str, Any] | None],
+    last: Callable[[int, str], dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed answer; leaving early (a disconnect) cancels the rows."""
+    extra = {"usage": None} if include_usage else {}
+    tokens = 0
+    try:
+        for i in range(len(stream.seqs)):
+            yield _sse({**head, "choices": [first(i)], **extra})
+        async for index, event in stream.events():
+            if isinstance(event, Token):
+                choice = piece(index, event)
+                if choice is not None:
+                    yield _sse({**head, "choices": [choice], **extra})
+            elif isinstance(event, Finished):
+                tokens += event.completion_tokens
+                yield _sse({**head, "choices": [last(index, event.finish_reason)], **extra})
+            else:
+                yield _error_event(event)
+                return
+        if include_usage:
+            usage = _usage(stream, tokens).model_dump()
+            yield _sse({**head, "choices": [], "usage": usage})
+        yield _sse("[DONE]")
+    finally:
+        stream.cancel()  # a no-op for rows that ended
+
+
+def _streaming(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
-    body: ChatRequest, runtime: ReadyRuntimeDep, principal: Principal = ReadDep
-) -> ChatCompletion:
+    body: ChatRequest, request: Request, runtime: ReadyRuntimeDep, principal: Principal = ReadDep
+) -> ChatCompletion | StreamingResponse:
     """A reply to a chat (`openai.OpenAI(base_url=.../v1).chat.completions.create`)."""
     _check_generation_base(runtime)
-    plane = runtime.require_serving()
     messages, problems = parse_messages(body.messages, runtime.settings.max_text_chars,
                                         needs_assistant=False)  # fmt: skip
     if problems:
         where, message = problems[0]
         raise BadRequest(f"{where}: {message}", extra={"param": where})
-    ref, results = await _generate(
-        plane, principal.tenant_id, _adapter_of(runtime, body.model),
-        lambda base: chat_prompt_ids(base, messages), body.params(), n=body.n, protocol="chat",
-    )  # fmt: skip
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    stream = await _start(runtime, principal, body, lambda base: chat_prompt_ids(base, messages),
+                          logprobs, "chat", "messages")  # fmt: skip
+    head = _head("chatcmpl", runtime, body, stream)
+    if body.stream:
+        chunk = {**head, "object": "chat.completion.chunk"}
+
+        def first(i: int) -> dict[str, Any]:
+            return {"index": i, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None, "finish_reason": None}  # fmt: skip
+
+        def piece(i: int, t: Token) -> dict[str, Any] | None:
+            if not t.text and t.logprob is None:
+                return None
+            lp = _chat_logprobs([t.logprob]) if t.logprob is not None else None
+            return {"index": i, "delta": {"content": t.text}, "logprobs": lp,
+                    "finish_reason": None}  # fmt: skip
+
+        def last(i: int, reason: str) -> dict[str, Any]:
+            return {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+        return _streaming(_events(stream, chunk, body.include_usage, first, piece, last))
+    choices = await _unless_disconnected(request, stream)
     return ChatCompletion(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=body.model,
-        system_fingerprint=_fingerprint(runtime, ref),
+        **head,
         choices=[
-            ChatChoice(index=i, message=ChatMessage(content=r.text), finish_reason=r.finish_reason)
-            for i, r in enumerate(results)
+            ChatChoice(
+                index=i,
+                message=ChatMessage(content=c.text),
+                finish_reason=c.finish_reason,
+                logprobs=_chat_logprobs(c.logprobs) if logprobs is not None else None,
+            )
+            for i, c in enumerate(choices)
         ],
-        usage=_usage(results),
+        usage=_usage(stream, sum(c.completion_tokens for c in choices)),
     )
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(
-    body: CompletionRequest, runtime: ReadyRuntimeDep, principal: Principal = ReadDep
-) -> Completion:
+    body: CompletionRequest,
+    request: Request,
+    runtime: ReadyRuntimeDep,
+    principal: Principal = ReadDep,
+) -> Completion | StreamingResponse:
     """A continuation of a prompt (`client.completions.create`)."""
     _check_generation_base(runtime)
-    plane = runtime.require_serving()
     prompt = body.prompt
-    ref, results = await _generate(
-        plane, principal.tenant_id, _adapter_of(runtime, body.model),
-        lambda base: completion_prompt_ids(base, prompt), body.params(), n=body.n,
-        protocol="completions",
-    )  # fmt: skip
+    stream = await _start(runtime, principal, body,
+                          lambda base: completion_prompt_ids(base, prompt), body.logprobs,
+                          "completions", "prompt")  # fmt: skip
+    head = _head("cmpl", runtime, body, stream)
+    if body.stream:
+        chunk = {**head, "object": "text_completion"}
+        offsets = [0] * body.n
+
+        def first(i: int) -> dict[str, Any]:
+            return {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+
+        def piece(i: int, t: Token) -> dict[str, Any] | None:
+            if not t.text and t.logprob is None:
+                return None
+            lp = None
+            if t.logprob is not None:
+                lp = _completion_logprobs([t.logprob], offsets[i])
+            offsets[i] += len(t.text)
+            return {"index": i, "text": t.text, "logprobs": lp, "finish_reason": None}
+
+        def last(i: int, reason: str) -> dict[str, Any]:
+            return {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+
+        return _streaming(_events(stream, chunk, body.include_usage, first, piece, last))
+    choices = await _unless_disconnected(request, stream)
     return Completion(
-        id=f"cmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=body.model,
-        system_fingerprint=_fingerprint(runtime, ref),
+        **head,
         choices=[
-            CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
-            for i, r in enumerate(results)
+            CompletionChoice(
+                index=i,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                logprobs=_completion_logprobs(c.logprobs, 0) if body.logprobs is not None else None,
+            )
+            for i, c in enumerate(choices)
         ],
-        usage=_usage(results),
+        usage=_usage(stream, sum(c.completion_tokens for c in choices)),
     )
+
+
+def _head(kind: str, runtime: Any, body: _Sampling, stream: GenerationStream) -> dict[str, Any]:
+    """The fields every answer and chunk of one request share."""
+    return {
+        "id": f"{kind}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": _fingerprint(runtime, stream.ref),
+    }
 
 
 def _fingerprint(runtime: Any, ref: Any) -> str:

@@ -2,6 +2,8 @@
 preset converts once, a generation adapter trains from chats, and the real `openai` client talks
 to it."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -68,6 +70,24 @@ def test_smollm2_trains_from_chats_and_answers_the_openai_client(tmp_path):
         )
         assert after.choices[0].message.content.startswith("Beep boop")
         assert after.usage.completion_tokens > 0
+        streamed = client.chat.completions.create(
+            model="robot", messages=ask, temperature=0, max_tokens=24, stream=True
+        )  # the real tokenizer's incremental detokenization adds up to the one-shot decode
+        text = "".join(c.choices[0].delta.content or "" for c in streamed)
+        assert text == after.choices[0].message.content
+
+        # A client that goes away mid-stream frees its row at the next decode step.
+        count = {"model": "smollm2-135m-instruct", "prompt": "1, 2, 3, 4, 5, 6,",
+                 "max_tokens": 1000, "temperature": 0, "stream": True}  # fmt: skip
+        with server.client() as c:
+            with c.stream("POST", "/v1/completions", json=count) as resp:
+                lines = resp.iter_lines()
+                assert [next(lines) for _ in range(8)]  # it is decoding
+            deadline = time.monotonic() + 10
+            while 'reason="cancelled"} 1.0' not in (exposition := c.get("/metrics").text):
+                assert time.monotonic() < deadline, exposition
+                time.sleep(0.1)
+            assert "loradock_generation_running_sequences 0.0" in exposition
         assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct", "robot"]
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="nobody", messages=ask)

@@ -102,12 +102,14 @@ def test_generation_errors_are_openai_shaped_and_leave_the_server_serving(llama_
         "model": "helpdesk", "messages": [{"role": "robot", "content": "hi"}]}), 400)  # fmt: skip
     assert "unknown role" in error["message"]
     error = openai_error(c.post("/v1/chat/completions", json={
-        "model": "helpdesk", "messages": [{"role": "user", "content": "hi"}], "stream": True}),
-        400)  # fmt: skip
-    assert "stream" in error["message"]
+        "model": "helpdesk", "messages": [{"role": "user", "content": "hi"}],
+        "stop_token_ids": [10**6]}), 400)  # fmt: skip
+    assert error["param"] == "stop_token_ids"
     error = openai_error(c.post("/v1/completions", json={"model": "helpdesk",
-                                "prompt": "please " * 100, "max_tokens": 4}), 422)  # fmt: skip
+                                "prompt": "please " * 100, "max_tokens": 4}), 400)  # fmt: skip
     assert "context" in error["message"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "prompt"
     unauth = c.post("/v1/completions", json={"model": "base", "prompt": "x"},
                     headers={"Authorization": "Bearer nope"})  # fmt: skip
     openai_error(unauth, 401)
