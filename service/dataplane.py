@@ -392,12 +392,15 @@ class DataPlane:
                 held = [resident] if resident is not None else []
                 release = _once_after(n, lambda: self.engine.release(held))
                 loop = asyncio.get_running_loop()
+                sink = stream.deliver
+                if ref is not None and self.monitor is not None:
+                    sink = functools.partial(self._observed, ref, stream.deliver)
                 stream.seqs = [
                     Sequence(
                         ids,
                         replace(params, seed=params.seed + i if params.seed is not None else None),
                         slot=resident.slot if resident is not None else 0,
-                        sink=functools.partial(stream.deliver, loop, i),
+                        sink=functools.partial(sink, loop, i),
                         on_done=release,
                         tag=i,
                     )
@@ -426,6 +429,19 @@ class DataPlane:
                 stream.cancel()
                 raise
         return stream
+
+    def _observed(self, ref: AdapterRef, deliver: Callable[..., None],
+                  loop: asyncio.AbstractEventLoop, index: int, event: Event) -> None:  # fmt: skip
+        """The engine's sink for an adapter's generations: a finished one also goes to drift
+        monitoring (its prompt embedding and length, its answer's length), then to the stream.
+        The embedding was copied to the host during prefill; every decode step since read the
+        sampled ids back, which waits for that copy too."""
+        if isinstance(event, Finished) and event.prompt_embedding is not None:
+            assert self.monitor is not None
+            row = RowResult(output={"completion_tokens": event.completion_tokens},
+                            pooled=event.prompt_embedding, tokens=event.prompt_tokens)  # fmt: skip
+            self.monitor.observe(ref, [row], live=True)
+        deliver(loop, index, event)
 
     async def task_of(self, tenant_id: str, adapter: str, version: int | None) -> Answer:
         """The resolved version and its task, without predicting (model metadata routes)."""

@@ -147,7 +147,46 @@ def build_files(
         )
         files[REFERENCE_JSON] = json.dumps(profile, sort_keys=True).encode()
         files[REFERENCE_TENSORS] = st_save(tensors)
+    elif profile_texts and base.lm is not None:
+        profile, tensors = generation_profile(base, task, weights, profile_texts, seed=seed)
+        files[REFERENCE_JSON] = json.dumps(profile, sort_keys=True).encode()
+        files[REFERENCE_TENSORS] = st_save(tensors)
     return files
+
+
+@torch.inference_mode()
+def generation_profile(
+    base: BaseModel,
+    task: Task,
+    weights: lora.LoRAWeights | None,
+    rows: Sequence[str],
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The reference profile of a generation adapter from reference rows (canonical JSON): the
+    prompts' token lengths and mean-pooled last hidden states under the adapter (what the decode
+    engine computes while prefilling live prompts), and the answers' token lengths."""
+    from loradock.adapters.serving.generation import row_prompt
+
+    prompts, answers = [], []
+    for text in rows:
+        ids, answer = row_prompt(base, json.loads(text))
+        prompts.append(ids[: base.max_length])
+        answers.append(answer)
+    pools = []
+    for s in range(0, len(prompts), batch_size):
+        batch = base.to_device(base.pad(prompts[s : s + batch_size]))
+        with lora.active(weights):
+            hidden = base.hidden_states(batch["input_ids"], batch["attention_mask"])
+        pools.append(base.mean_pool(hidden, batch["attention_mask"]).cpu())
+    return build_profile(
+        task=task,
+        outputs=torch.tensor(answers, dtype=torch.float32).view(-1, 1),
+        pooled=torch.cat(pools),
+        token_lengths=[len(p) for p in prompts],
+        seed=seed,
+    )
 
 
 def peft_task_type(base: BaseModel) -> str | None:

@@ -88,6 +88,9 @@ class Finished:
     text: str  # the whole generated text (stop string excluded)
     prompt_tokens: int
     completion_tokens: int
+    # The prompt's mean-pooled last hidden state under the row's adapter ([hidden] float32 on
+    # the CPU), computed during prefill: what drift monitoring compares with the training prompts.
+    prompt_embedding: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class Sequence:
         self.cancelled = False
         self.done = False
         self.prefilled = 0  # prompt tokens already in a (partial) cache
+        self.embedding: torch.Tensor | None = None  # the prompt's pooled hidden state
         self.enqueued = time.perf_counter()
         self.last_token_at: float | None = None
 
@@ -372,6 +376,11 @@ class GenerationEngine:
         self.context = context_length(base)
         self.eos = frozenset(stop_token_ids(base))
         self._cache_arg = _cache_argument(type(base.lm).forward)
+        # The decoder's last hidden states during prefill (a hook: no second pass, no copies of
+        # every layer's states), for the prompt embeddings drift monitoring uses.
+        self._hidden: torch.Tensor | None = None
+        self._capturing: int | None = None  # the engine thread's id while prefilling
+        base.backbone.register_forward_hook(self._capture)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []  # admitted, prompt not fully in a cache yet
@@ -407,7 +416,7 @@ class GenerationEngine:
         if p.seed is not None and p.temperature > 0:
             seq.generator = torch.Generator(device=self.base.device).manual_seed(p.seed)
         seq.detok = _Detokenizer(self.base.tokenizer, p.stop)
-        seq.stop_ids = self.eos | frozenset(p.stop_token_ids)
+        seq.stop_ids = (frozenset() if p.ignore_eos else self.eos) | frozenset(p.stop_token_ids)
 
     def submit(self, seqs: Seq[Sequence]) -> None:
         """Queue prepared sequences (all or none). Raises EngineOverloaded when the queue is
@@ -562,6 +571,26 @@ class GenerationEngine:
             s.sink(Admitted())
         self._prefilling.extend(admitted)
 
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        if self._capturing is not None and threading.get_ident() == self._capturing:
+            hidden = getattr(output, "last_hidden_state", None)
+            self._hidden = hidden if hidden is not None else output[0]
+
+    def _prefill_forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                         cache: Any, ctx: BatchedLoRA,
+                         real: torch.Tensor) -> tuple[Any, torch.Tensor]:  # fmt: skip
+        """A prefill pass: the model's output, and the sum of the last hidden states over the
+        input's real positions (`real` [B, T], 1 = not padding) [B, hidden] float32."""
+        self._capturing = threading.get_ident()
+        try:
+            out = self._forward(ids, mask, positions, cache, ctx)
+        finally:
+            self._capturing = None
+        hidden, self._hidden = self._hidden, None
+        assert hidden is not None
+        summed = (hidden.float() * real.unsqueeze(-1).to(torch.float32)).sum(1)
+        return out, summed
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, ctx: BatchedLoRA | None) -> Any:  # fmt: skip
         with lora.active(ctx):
@@ -603,8 +632,11 @@ class GenerationEngine:
         ids, mask, positions = (t.to(device, non_blocking=True) for t in (ids, mask, positions))
         ctx = BatchedLoRA(self.pool, [s.slot for s in group])
         cache = _new_cache(None)
-        out = self._forward(ids, mask, positions, cache, ctx)
+        out, summed = self._prefill_forward(ids, mask, positions, cache, ctx, mask)
         self.prefill_passes += 1
+        pooled = (summed / mask.sum(1, keepdim=True).float()).to("cpu", non_blocking=True)
+        for i, s in enumerate(group):
+            s.embedding = pooled[i]
         batch = _Batch(
             seqs=group,
             kv=_cache_tensors(_cache_of(out)),
@@ -624,12 +656,18 @@ class GenerationEngine:
         positions = torch.arange(start, end, device=device).view(1, -1)
         if self._partial is None:
             self._partial = _new_cache(None)
-        out = self._forward(ids, mask, positions, self._partial, BatchedLoRA(self.pool, [seq.slot]))
+        ctx = BatchedLoRA(self.pool, [seq.slot])
+        real = torch.ones(1, end - start, dtype=torch.long, device=device)  # the chunk's tokens
+        out, summed = self._prefill_forward(ids, mask, positions, self._partial, ctx, real)
         self.prefill_passes += 1
         self._partial = _cache_of(out)
+        seq.embedding = (
+            summed[0] if start == 0 or seq.embedding is None else seq.embedding + summed[0]
+        )
         seq.prefilled = end
         if end < len(seq.prompt):
             return
+        seq.embedding = (seq.embedding / len(seq.prompt)).to("cpu", non_blocking=True)
         self._prefilling.pop(0)
         kv, self._partial = _cache_tensors(self._partial), None
         batch = _Batch(
@@ -658,7 +696,7 @@ class GenerationEngine:
         device = self.base.device
         rows = len(batch.seqs)
         if batch.ctx is None:
-            batch.ctx = BatchedLoRA(self.pool, [s.slot for s in batch.seqs])
+            batch.ctx = BatchedLoRA(self.pool, [s.slot for s in batch.seqs], reuse=True)
         mask = torch.cat([batch.mask, torch.ones(rows, 1, dtype=torch.long, device=device)], 1)
         positions = torch.tensor(batch.lengths, dtype=torch.long).view(-1, 1)
         positions = positions.to(device, non_blocking=True)
@@ -722,4 +760,4 @@ class GenerationEngine:
             s.sink(Token(rest, -1))
         if self.metrics is not None:
             self.metrics.finished(len(s.prompt), len(s.out))
-        self._end(s, Finished(reason, s.detok.text, len(s.prompt), len(s.out)))
+        self._end(s, Finished(reason, s.detok.text, len(s.prompt), len(s.out), s.embedding))

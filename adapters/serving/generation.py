@@ -34,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-sequence ids
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
 
 
 @dataclass
@@ -76,6 +77,20 @@ def chat_prompt_ids(base: BaseModel, messages: Sequence[dict[str, Any]]) -> list
 
 def completion_prompt_ids(base: BaseModel, prompt: str) -> list[int]:
     return list(base.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def row_prompt(base: BaseModel, row: dict[str, Any]) -> tuple[list[int], int]:
+    """A training row as serving would see it: the prompt's token ids (a chat up to its last
+    assistant turn, or the prompt) and the token length of the answer that follows."""
+    if "messages" in row:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = chat_prompt_ids(base, messages[:last])
+        answer = str(messages[last]["content"])
+    else:
+        prompt = completion_prompt_ids(base, str(row["prompt"]))
+        answer = str(row["completion"])
+    return prompt, len(base.tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
 def context_length(base: BaseModel) -> int:
@@ -127,7 +142,7 @@ def generate(
     generator = None
     if params.seed is not None and params.temperature > 0:
         generator = torch.Generator(device=base.device).manual_seed(params.seed)
-    stops = stop_token_ids(base)
+    stops = set() if params.ignore_eos else stop_token_ids(base)
     tok = base.tokenizer
     out_ids: list[int] = []
     finish = "length"

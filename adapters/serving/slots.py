@@ -295,19 +295,38 @@ class BatchedLoRA:
         delta[i] = scale[s_i] * (x[i] @ A[name][s_i]^T) @ B[name][s_i]^T     -> [B, T, d_out]
     """
 
-    def __init__(self, pool: SlotPool, slots: Sequence[int]) -> None:
+    def __init__(self, pool: SlotPool, slots: Sequence[int], *, reuse: bool = False) -> None:
+        """`reuse`: keep each layer's gathered A and scaled B for later calls (a decode batch
+        runs many steps with the same rows: one gather per layer instead of one per step). The
+        slots must stay held (acquired) while the context is used."""
         self.pool = pool
         self.any = any(s > 0 for s in slots)  # decided on the host: no device sync later
         self.idx = torch.tensor(list(slots), dtype=torch.long).to(pool.device, non_blocking=True)
         self.scale = pool.scale.index_select(0, self.idx).view(-1, 1, 1)  # [B, 1, 1]
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if reuse else None
+
+    def _gathered(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        kept = self._kept.get(name) if self._kept is not None else None
+        if kept is not None:
+            return kept
+        a_all = self.pool.A.get(name)
+        if a_all is None:
+            return None
+        a_t = a_all.index_select(0, self.idx).transpose(1, 2)  # [B, d_in, r]
+        b_t = self.pool.B[name].index_select(0, self.idx).transpose(1, 2)  # [B, r, d_out]
+        if self._kept is not None:
+            b_t = b_t * self.scale  # folded once: (x A^T) (s B^T) = s (x A^T B^T)
+            self._kept[name] = (a_t, b_t)
+        return a_t, b_t
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         if not self.any:
             return None
-        a_all = self.pool.A.get(name)
-        if a_all is None:
+        gathered = self._gathered(name)
+        if gathered is None:
             return None
-        a = a_all.index_select(0, self.idx)  # [B, r, d_in]
-        b = self.pool.B[name].index_select(0, self.idx)  # [B, d_out, r]
-        h = torch.bmm(x, a.transpose(1, 2))  # [B, T, r]
-        return torch.bmm(h, b.transpose(1, 2)) * self.scale  # [B, T, d_out]
+        a_t, b_t = gathered
+        h = torch.bmm(x, a_t)  # [B, T, r]
+        if self._kept is not None:
+            return torch.bmm(h, b_t)  # [B, T, d_out], the scale already in b_t
+        return torch.bmm(h, b_t) * self.scale  # [B, T, d_out]

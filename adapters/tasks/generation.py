@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from loradock.adapters.core.text import encoding_problem
+from loradock.adapters.monitoring.drift import psi_signal
+from loradock.adapters.monitoring.profile import histogram
 from loradock.adapters.tasks.base import Task, TaskStateError
 from loradock.adapters.tasks.probe import LinearHead
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from loradock.adapters.training.data import Dataset, Example
 
 ROLES = ("system", "user", "assistant")
+OUTPUT_LENGTH_EDGES = (4, 8, 16, 32, 64, 128, 256, 512)  # answer tokens; one more bin above
 CHAT, COMPLETION = "chat", "completion"
 
 
@@ -251,9 +254,22 @@ class Generation(Task):
         raise self._no_head("Open Inference Protocol tensors")
 
     def profile(self, outputs: torch.Tensor) -> dict[str, Any]:
-        return {}
+        """`outputs` [n, 1]: the token lengths of the reference rows' answers (generation has no
+        head outputs; an answer's length is its output signal)."""
+        lengths = [float(v) for v in outputs[:, 0].tolist()] if len(outputs) else []
+        return {
+            "output_length_edges": list(OUTPUT_LENGTH_EDGES),
+            "output_length_histogram": histogram(lengths, OUTPUT_LENGTH_EDGES),
+        }
 
     def drift_signals(
         self, reference: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]
     ) -> dict[str, dict[str, Any]]:
-        return {}
+        """The length of live answers (`completion_tokens`) against the reference answers'. A
+        client's `max_tokens` cuts answers short: that shows here, as it should."""
+        if "output_length_histogram" not in reference:
+            return {}
+        edges = reference["output_length_edges"]
+        current = histogram([p["completion_tokens"] for p in predictions], edges)
+        return {"output_length": psi_signal(reference["output_length_histogram"], current,
+                                            edges=edges)}  # fmt: skip

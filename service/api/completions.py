@@ -69,7 +69,8 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=16)  # an extension (vLLM's name)
+    stop_token_ids: list[int] | None = Field(None, max_length=16)  # extensions, vLLM's names
+    ignore_eos: bool = False
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,6 +100,7 @@ class _Sampling(BaseModel):
             seed=self.seed,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

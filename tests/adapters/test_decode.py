@@ -3,6 +3,8 @@ each carry their own adapter, checked row by row against the one-at-a-time path.
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 import time
 
@@ -21,7 +23,12 @@ from loradock.adapters.serving.decode import (
     Sequence,
     Token,
 )
-from loradock.adapters.serving.generation import PromptTooLong, SamplingParams, generate
+from loradock.adapters.serving.generation import (
+    PromptTooLong,
+    SamplingParams,
+    generate,
+    row_prompt,
+)
 from loradock.adapters.serving.slots import AdapterRef, BatchedLoRA, SlotPool
 
 WORDS = "please help why how what refund login crash late password card package slow".split()
@@ -39,6 +46,7 @@ def pool(llama):
     pool = SlotPool(llama, targets, max_rank=4, capacity=4)
     shapes = {t.name: (t.in_features, t.out_features) for t in llama.linear_targets()
               if t.suffix in targets}  # fmt: skip
+    pool.weights = []  # slot k + 1 holds weights[k]
     for k in range(3):
         g = torch.Generator().manual_seed(k)
         w = LoRAWeights(LoRASpec(4, 8.0, 0.0, tuple(targets), None), shapes, generator=g)
@@ -46,6 +54,7 @@ def pool(llama):
             for b in w.B:
                 b.normal_(0, 0.5, generator=g)
         pool.load(AdapterRef(f"a{k}", 1), w)
+        pool.weights.append(w)
     return pool
 
 
@@ -54,16 +63,21 @@ def prompt(llama, i: int, n: int = 4) -> list[int]:
     return llama.tokenizer(" ".join(words))["input_ids"]
 
 
+ORDER = itertools.count()
+
+
 class Collector:
     """A sink: every event of one sequence, and an Event set when it ends."""
 
     def __init__(self) -> None:
         self.events: list[object] = []
+        self.stamps: list[int] = []
         self.ended = threading.Event()
         self.released = 0
 
     def __call__(self, event: object) -> None:
         self.events.append(event)
+        self.stamps.append(next(ORDER))  # a global order of every sink call
         if isinstance(event, Finished | Failed):
             self.ended.set()
 
@@ -136,13 +150,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(llama, pool):
     engine = GenerationEngine(llama, pool, prefill_chunk=4)
     long_ids = prompt(llama, 3, n=30)
     short = [prompt(llama, i, n=3) for i in range(3)]
-    params = [SamplingParams(max_tokens=20, temperature=0)] * 3 + [
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)] * 3 + [
         SamplingParams(max_tokens=6, temperature=0)
     ]
     got = run(engine, [*short, long_ids], params, [1, 2, 0, 3])
     for ids, p, slot, c in zip([*short, long_ids], params, [1, 2, 0, 3], got, strict=True):
         assert c.token_ids == alone(llama, pool, ids, p, slot).token_ids
     assert engine.prefill_passes >= len(long_ids) // 4  # chunk by chunk
+    # The running rows kept decoding while the long prompt was prefilled: between its admission
+    # and its first token, each got a token per chunk (not one long stall).
+    start = got[3].stamps[0]  # Admitted
+    first = next(t for t, e in zip(got[3].stamps, got[3].events, strict=True)
+                 if isinstance(e, Token))  # fmt: skip
+    for c in got[:3]:
+        during = [t for t, e in zip(c.stamps, c.events, strict=True)
+                  if isinstance(e, Token) and start < t < first]  # fmt: skip
+        assert len(during) >= len(long_ids) // 4 - 1
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(llama, pool):
@@ -246,3 +269,28 @@ def test_budgets_limits_and_the_queue_timeout(llama, pool):
     assert "LORADOCK_GENERATION_QUEUE_SECONDS" in late.final.message
     assert late.released == 1
     assert isinstance(first.final, Finished)
+
+
+def test_the_prompt_embedding_is_the_one_the_reference_profile_computes(llama, pool):
+    """Drift monitoring compares live prompts with the training prompts: the engine's prefill
+    (batched or chunked) must pool exactly what the profile pools at publish time."""
+    from loradock.adapters.artifacts.files import generation_profile
+    from loradock.adapters.tasks.generation import Generation
+
+    rows = [{"messages": [{"role": "user", "content": f"why {w} is late"},
+                          {"role": "assistant", "content": "thanks billing"}]}
+            for w in ("refund", "login password card")]  # fmt: skip
+    profile, tensors = generation_profile(
+        llama, Generation(["chat"]), pool.weights[1], [json.dumps(r) for r in rows]
+    )
+    assert profile["output_length_histogram"][0] == 2  # two-token answers
+    assert profile["rows"] == 2
+    for chunk in (64, 3):  # one prefill pass; and chunks of 3 tokens
+        engine = GenerationEngine(llama, pool, prefill_chunk=chunk)
+        got = run(engine, [row_prompt(llama, r)[0] for r in rows],
+                  [SamplingParams(max_tokens=2, temperature=0)] * 2, [2, 2])  # fmt: skip
+        live = torch.stack([c.final.prompt_embedding for c in got])
+        reference = tensors["embeddings"]
+        # the profile samples its rows in a random order: match each live row to its nearest
+        for row in live:
+            assert torch.cdist(row[None], reference).min() < 1e-4

@@ -14,7 +14,7 @@ import pytest
 
 from loradock.adapters.serving.decode import Sequence
 from loradock.adapters.serving.generation import SamplingParams
-from tests.adapters.test_generation import ANSWER
+from tests.adapters.test_generation import ANSWER, QUESTIONS
 from tests.service.test_finetuning_api import client_for
 from tests.service.test_generation_api import llama_client, train  # noqa: F401 - a fixture
 
@@ -142,3 +142,32 @@ def test_a_full_generation_queue_is_shed_at_the_door(tmp_path, tiny_llama_dir, m
             time.sleep(0.01)
         ok = c.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200, ok.text
+
+
+def test_generation_traffic_is_monitored_for_drift(llama_client):  # noqa: F811
+    c = llama_client
+    s = c.app.state.runtime.settings
+    s.drift_min_count, s.drift_check_every = 24, 24
+    adapter_id = train(c)
+    report = c.get("/v1/adapters/helpdesk/monitoring").json()
+    assert report["drift"]["status"] == "no traffic yet"
+    for i in range(24):  # prompts like the training ones
+        ask = {**ASK, "messages": [{"role": "user", "content": f"{QUESTIONS[i % 8]} is why"}]}
+        assert c.post("/v1/chat/completions", json=ask).status_code == 200
+    c.app.state.runtime.monitor.drain()
+    drift = c.get("/v1/adapters/helpdesk/monitoring").json()["drift"]
+    assert drift["status"] == "scored", drift
+    assert set(drift["signals"]) == {"input_length", "output_length", "embedding"}
+    assert drift["signals"]["input_length"]["psi"] < 0.2
+    # Long prompts of other words, with 20-token answers: lengths and embeddings move.
+    other = " ".join(["package slow card late crash"] * 8)
+    for _ in range(48):
+        ask = {**ASK, "messages": [{"role": "user", "content": other}], "max_tokens": 20,
+               "ignore_eos": True}  # fmt: skip
+        assert c.post("/v1/chat/completions", json=ask).status_code == 200
+    c.app.state.runtime.monitor.drain()
+    drift = c.get("/v1/adapters/helpdesk/monitoring").json()["drift"]
+    assert drift["drifting"] is True
+    assert {"input_length", "output_length"} <= set(drift["drifted_signals"])
+    assert drift["signals"]["embedding"]["p_value"] < 0.05
+    assert f'loradock_adapter_drifting{{adapter="{adapter_id}"}} 1.0' in c.get("/metrics").text
