@@ -41,6 +41,7 @@ from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.training.data import validate_rows
 from loradock.adapters.training.hyperparameters import Hyperparameters
 from loradock.adapters.training.sft import IGNORE, SFTTrainer, render_row
+from loradock.adapters.training.trainer import TrainCallbacks
 
 CACHE = Path.home() / ".cache" / "loradock-bench"
 
@@ -163,7 +164,12 @@ def main() -> None:
     hp = Hyperparameters(seed=args.seed, **args.hp)
 
     t0 = time.perf_counter()
-    out = SFTTrainer(base).run(data, hp)
+
+    def progress(event: dict) -> None:
+        if event.get("type") in ("epoch", "baseline", "evaluation"):
+            print(f"  [{time.perf_counter() - t0:.0f}s]", json.dumps(event)[:240], flush=True)
+
+    out = SFTTrainer(base).run(data, hp, callbacks=TrainCallbacks(on_event=progress))
     seconds = time.perf_counter() - t0
     assert out.status == "succeeded", out.error
     m = out.metrics

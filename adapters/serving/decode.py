@@ -380,7 +380,7 @@ class GenerationEngine:
         # every layer's states), for the prompt embeddings drift monitoring uses.
         self._hidden: torch.Tensor | None = None
         self._capturing: int | None = None  # the engine thread's id while prefilling
-        base.backbone.register_forward_hook(self._capture)
+        self._hook = base.backbone.register_forward_hook(self._capture)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []  # admitted, prompt not fully in a cache yet
@@ -466,6 +466,7 @@ class GenerationEngine:
         for s in self._all_admitted():
             self._end(s, Failed("the server is shutting down", "shutdown"))
         self._batch, self._prefilling, self._partial = None, [], None
+        self._hook.remove()
 
     # --- the engine thread -----------------------------------------------------------------------
 
