@@ -215,18 +215,30 @@ def test_logprobs_are_those_of_the_model(llama, pool):
 def test_a_cancelled_row_leaves_at_once_and_releases_its_adapter(llama, pool):
     engine = GenerationEngine(llama, pool)
     c = Collector()
-    seq = Sequence(prompt(llama, 0), SamplingParams(max_tokens=40, temperature=0), slot=1,
-                   sink=c, on_done=c.release)  # fmt: skip
+    first_token, cancelled = threading.Event(), threading.Event()
+
+    def reader(event):  # the sink runs on the engine thread: hold it at the first token
+        c(event)
+        if isinstance(event, Token) and not first_token.is_set():
+            first_token.set()
+            assert cancelled.wait(30)
+
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    seq = Sequence(prompt(llama, 0), params, slot=1, sink=reader, on_done=c.release)
     engine.prepare(seq)
     engine.submit([seq])
-    while not any(isinstance(e, Token) for e in c.events):
-        time.sleep(0.001)
-    seq.cancel()
+    assert first_token.wait(30)
+    seq.cancel()  # the client goes away while its first token is being read
+    cancelled.set()
     final = c.final
     assert isinstance(final, Failed)
     assert final.kind == "cancelled"
     assert c.released == 1
-    assert len(c.token_ids) < 40
+    assert len(c.token_ids) == 1  # no step ran for it after the cancel
+    deadline = time.monotonic() + 10
+    while engine.running():  # the row is dropped right after its end is reported
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
 
 
 def test_budgets_limits_and_the_queue_timeout(llama, pool):
@@ -258,7 +270,8 @@ def test_budgets_limits_and_the_queue_timeout(llama, pool):
         first(event)
         time.sleep(0.01)
 
-    a = Sequence(prompt(llama, 0), SamplingParams(max_tokens=40, temperature=0), sink=slow_reader)
+    long_run = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    a = Sequence(prompt(llama, 0), long_run, sink=slow_reader)
     b = Sequence(prompt(llama, 1), SamplingParams(max_tokens=5, temperature=0), sink=late,
                  on_done=late.release)  # fmt: skip
     for s in (a, b):
