@@ -51,6 +51,7 @@ from loradock.adapters.serving.generation import (
     _cache_argument,
     _cache_of,
     context_length,
+    draw,
     stop_token_ids,
 )
 from loradock.adapters.serving.slots import BatchedLoRA, SlotPool
@@ -319,16 +320,7 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, l
     if sampled:
         tokens = greedy.clone()
         for i in sampled:  # a row's draw uses its own generator: batch-mates never change it
-            s = seqs[i]
-            probs = torch.softmax(logits[i].float() / s.params.temperature, dim=-1)
-            if s.params.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < s.params.top_p
-                sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-                choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=s.generator)
-                tokens[i] = order[choice][0]
-            else:
-                tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            tokens[i] = draw(logits[i], seqs[i].params, seqs[i].generator)
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     extra: list[Any] = [None] * len(seqs)
     if want:

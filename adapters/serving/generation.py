@@ -97,18 +97,20 @@ def context_length(base: BaseModel) -> int:
     return int(getattr(base.config, "max_position_embeddings", None) or base.max_length)
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token from last-position logits [vocab]."""
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+         ) -> torch.Tensor:  # fmt: skip
+    """The next token (a 0-d tensor, on the device: no host sync) from last-position logits
+    [vocab], by `params`; the decode engine draws each sampled row with it too."""
     if params.temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax()
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # the smallest set reaching top_p
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return order[choice][0]
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 @functools.cache
@@ -155,7 +157,7 @@ def generate(
         past = _cache_of(result)
         logits = result.logits[0, -1]
         for _ in range(max_new):
-            nxt = _sample(logits, params, generator)
+            nxt = int(draw(logits, params, generator))
             if nxt in stops:
                 finish = "stop"
                 break
