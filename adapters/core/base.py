@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -189,6 +190,7 @@ class BaseModel:
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # we pool ourselves; the CLS pooler would be wasted work
         whole = lm if lm is not None else backbone
+        use_training_sdpa(whole)
         whole.to(torch_device)
         whole.requires_grad_(False)
         whole.eval()
@@ -393,3 +395,71 @@ class BaseModel:
         self.embed(["loradock warm-up", "a second, somewhat longer warm-up sentence"])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# --- KV caches (transformers' cache objects as plain per-layer (key, value) lists) ---------------
+
+
+def cache_tensors(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A transformers KV cache as [(key, value)] per layer, each [B, heads, T, head_dim]."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # type: ignore[attr-defined]
+
+
+def new_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> object:
+    """A DynamicCache holding `kv` (per layer (key, value)), or an empty one."""
+    from transformers import DynamicCache
+
+    return DynamicCache(list(kv)) if kv else DynamicCache()
+
+
+# --- attention for training on the CPU -----------------------------------------------------------
+
+TRAINING_SDPA = "loradock_sdpa"
+
+
+def _training_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention, except a bf16 attention on the CPU whose backward will run
+    (autocast training, which would cast q, k and v to bf16): computed in float32, where
+    PyTorch's CPU flash-attention backward is 2-3x faster than in bf16 (bench/README.md).
+    Serving and GPUs take the plain path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (
+        query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+        and (torch.is_autocast_enabled("cpu") or query.dtype == torch.bfloat16)
+    ):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            return sdpa_attention_forward(
+                module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+            )
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_training_sdpa(model: nn.Module) -> None:
+    """Switch a model that uses transformers' SDPA attention to `_training_sdpa`."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TRAINING_SDPA, _training_sdpa)
+    AttentionMaskInterface.register(TRAINING_SDPA, sdpa_mask)  # the same masks as "sdpa"
+    try:
+        model.set_attn_implementation(TRAINING_SDPA)  # type: ignore[operator]
+    except (AttributeError, ValueError, TypeError):  # an older transformers or a model without it
+        return

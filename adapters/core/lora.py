@@ -180,11 +180,20 @@ class LoRAWeights(nn.Module):
         self._dropout_gen = torch.Generator(device=device).manual_seed(seed)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout with a drop probability rounded to 1/256: the mask comes from random
+        bytes (8 per 64-bit draw), ~6x faster on the CPU than a Bernoulli draw per element,
+        which cost a sixth of a generation training step (bench/README.md)."""
         p = self.spec.dropout
         if not self.training or p <= 0:
             return x
-        keep = torch.empty_like(x).bernoulli_(1 - p, generator=self._dropout_gen)
-        return x * keep / (1 - p)
+        threshold = max(1, min(255, round(p * 256)))
+        words = -(-x.numel() // 8)
+        rand = torch.randint(
+            -(2**63), 2**63 - 1, (words,), generator=self._dropout_gen, device=x.device,
+            dtype=torch.int64,
+        )  # fmt: skip
+        keep = rand.view(torch.uint8)[: x.numel()].view(x.shape) >= threshold
+        return x * keep * (256 / (256 - threshold))
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         i = self._index.get(name)

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import torch
 
 from loradock.adapters.core import lora
-from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.base import BaseModel, cache_tensors, new_cache
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.serving.generation import (
     PromptTooLong,
@@ -293,19 +293,6 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
         lengths=lengths,
         pending=batch.pending.index_select(0, idx),
     )
-
-
-def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # older transformers
-
-
-def _new_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(kv) if kv else DynamicCache()
 
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -624,7 +611,7 @@ class GenerationEngine:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         ids, mask, positions = (t.to(device, non_blocking=True) for t in (ids, mask, positions))
         ctx = BatchedLoRA(self.pool, [s.slot for s in group])
-        cache = _new_cache(None)
+        cache = new_cache(None)
         out, summed = self._prefill_forward(ids, mask, positions, cache, ctx, mask)
         self.prefill_passes += 1
         pooled = (summed / mask.sum(1, keepdim=True).float()).to("cpu", non_blocking=True)
@@ -632,7 +619,7 @@ class GenerationEngine:
             s.embedding = pooled[i]
         batch = _Batch(
             seqs=group,
-            kv=_cache_tensors(_cache_of(out)),
+            kv=cache_tensors(_cache_of(out)),
             mask=mask,
             lengths=[len(s.prompt) for s in group],
             pending=torch.zeros(len(group), dtype=torch.long, device=device),
@@ -648,7 +635,7 @@ class GenerationEngine:
         mask = torch.ones(1, end, dtype=torch.long, device=device)
         positions = torch.arange(start, end, device=device).view(1, -1)
         if self._partial is None:
-            self._partial = _new_cache(None)
+            self._partial = new_cache(None)
         ctx = BatchedLoRA(self.pool, [seq.slot])
         real = torch.ones(1, end - start, dtype=torch.long, device=device)  # the chunk's tokens
         out, summed = self._prefill_forward(ids, mask, positions, self._partial, ctx, real)
@@ -662,7 +649,7 @@ class GenerationEngine:
             return
         seq.embedding = (seq.embedding / len(seq.prompt)).to("cpu", non_blocking=True)
         self._prefilling.pop(0)
-        kv, self._partial = _cache_tensors(self._partial), None
+        kv, self._partial = cache_tensors(self._partial), None
         batch = _Batch(
             seqs=[seq],
             kv=kv,
@@ -694,10 +681,10 @@ class GenerationEngine:
         positions = torch.tensor(batch.lengths, dtype=torch.long).view(-1, 1)
         positions = positions.to(device, non_blocking=True)
         out = self._forward(
-            batch.pending.view(-1, 1), mask, positions, _new_cache(batch.kv), batch.ctx
+            batch.pending.view(-1, 1), mask, positions, new_cache(batch.kv), batch.ctx
         )
         self.steps += 1
-        batch.kv = _cache_tensors(_cache_of(out))
+        batch.kv = cache_tensors(_cache_of(out))
         batch.mask = mask
         batch.lengths = [n + 1 for n in batch.lengths]
         tokens, extra = _sample(out.logits[:, -1], batch.seqs)

@@ -26,6 +26,7 @@ The recipe:
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from loradock.adapters.core import lora
-from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.base import BaseModel, cache_tensors, new_cache
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.training.data import Dataset, Example, stratified_split
@@ -57,6 +58,8 @@ from loradock.adapters.training.trainer import (
 
 REFERENCE_TEXT = Path(__file__).with_name("reference.txt")
 IGNORE = -100
+# A batch's rows that share at least this many leading tokens run them once (`shared_prefix`).
+MIN_SHARED_PREFIX = 8
 # A tokenizer without a chat template gets this one: role-tagged turns, each assistant turn
 # ended by the end-of-sequence token (which then stops generation).
 FALLBACK_CHAT_TEMPLATE = (
@@ -126,6 +129,54 @@ def render_row(base: BaseModel, row: dict[str, Any]) -> Rendered:
     eos = tok.eos_token_id
     tail = completion_ids + ([int(eos)] if eos is not None else [])
     return Rendered(prompt_ids + tail, [False] * len(prompt_ids) + [True] * len(tail))
+
+
+def shared_prefix(rows: Sequence[Rendered]) -> int:
+    """How many leading tokens every row of `rows` has in common and may run once: the common
+    prefix, cut so that no target lies in it and the hidden state of its last token scores
+    nothing (the first target of any row is at least one token past it). 0 for a single row."""
+    if len(rows) < 2:
+        return 0
+    first = rows[0].ids
+    n = min(min(len(r.ids) for r in rows), min(r.target.index(True) for r in rows) - 1)
+    for r in rows[1:]:
+        k = 0
+        while k < n and r.ids[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def prefix_groups(rows: Sequence[Rendered], batch_size: int) -> list[list[int]]:
+    """Row indices grouped so that rows sharing a long prompt prefix (`shared_prefix`) batch
+    together: rows sorted by their tokens, then the sorted run split where neighbours share
+    least, as long as the parts hold a full batch each; parts too small for a batch stay
+    together (they still share what their parent group shares). Rows that share fewer than
+    `MIN_SHARED_PREFIX` tokens with anyone form one group, batched by length alone."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].ids)
+    link = [
+        shared_prefix([rows[a], rows[b]]) for a, b in itertools.pairwise(order)
+    ]  # link[k]: what sorted rows k and k+1 share
+    link = [v if v >= MIN_SHARED_PREFIX else 0 for v in link]
+    groups: list[list[int]] = []
+    todo = [(0, len(order))]
+    while todo:
+        lo, hi = todo.pop()
+        inner = link[lo : hi - 1]
+        if hi - lo < 2 * batch_size or not inner or min(inner) == max(inner):
+            groups.append(order[lo:hi])
+            continue
+        weakest = min(inner)
+        cuts = [lo] + [lo + k + 1 for k, v in enumerate(inner) if v == weakest] + [hi]
+        rest: list[int] = []
+        for a, b in itertools.pairwise(cuts):
+            if b - a >= batch_size:
+                todo.append((a, b))
+            else:
+                rest.extend(order[a:b])
+        if rest:
+            groups.append(rest)
+    return groups
 
 
 def autocast_dtype(device: torch.device, setting: str) -> torch.dtype | None:
@@ -391,12 +442,22 @@ class SFTTrainer:
 
     @staticmethod
     def _batches(rows: list[Rendered], batch_size: int, rng: random.Random) -> list[list[int]]:
-        """Length buckets: rows sorted by length (ties shuffled), cut into batches, the batch
-        order shuffled. Each batch pads to a similar length; every epoch differs, seeded."""
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        order.sort(key=lambda i: len(rows[i].ids))
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        """Batches of `batch_size` rows (the last may be short): rows sharing a prompt prefix
+        batch together (`prefix_groups`), by length within each group (ties shuffled); the
+        rows left over from each group's whole batches (a random few each epoch) are batched
+        together by length; the batch order is shuffled. Each batch pads to a similar length
+        and runs its shared prefix once; every epoch differs, seeded."""
+        batches: list[list[int]] = []
+        rest: list[int] = []
+        for group in prefix_groups(rows, batch_size):
+            spare = set(rng.sample(group, len(group) % batch_size))
+            rest.extend(spare)
+            kept = sorted(
+                (i for i in group if i not in spare), key=lambda i: (len(rows[i].ids), rng.random())
+            )
+            batches.extend(kept[s : s + batch_size] for s in range(0, len(kept), batch_size))
+        rest.sort(key=lambda i: (len(rows[i].ids), rng.random()))
+        batches.extend(rest[s : s + batch_size] for s in range(0, len(rest), batch_size))
         rng.shuffle(batches)
         return batches
 
@@ -406,25 +467,66 @@ class SFTTrainer:
         weights: lora.LoRAWeights | None,
         amp: torch.dtype | None,
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(summed cross-entropy over target tokens, their count, correct next-token guesses)."""
-        host = self.base.pad([r.ids for r in rows])
+        """(summed cross-entropy over target tokens, their count, correct next-token guesses).
+
+        Rows that start with the same tokens (a shared system prompt, the chat template's
+        header) run that prefix once: one pass over the prefix at batch 1, its keys and values
+        broadcast to every row, then one pass over the rows' own tokens. Gradients flow
+        through the broadcast, so loss and gradients equal the padded full pass's."""
+        shared = shared_prefix(rows)
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        host = self.base.pad([r.ids[shared:] for r in rows])
         targets = torch.full(host["input_ids"].shape, IGNORE, dtype=torch.long)
         for i, r in enumerate(rows):
-            t = torch.tensor(r.ids, dtype=torch.long)
-            targets[i, : len(r.ids)] = torch.where(torch.tensor(r.target), t, IGNORE)
-        batch = self.base.to_device({**host, "targets": targets})
+            t = torch.tensor(r.ids[shared:], dtype=torch.long)
+            targets[i, : len(t)] = torch.where(torch.tensor(r.target[shared:]), t, IGNORE)
+        extra: dict[str, torch.Tensor] = {}
+        if shared:
+            extra["prefix"] = torch.tensor([rows[0].ids[:shared]], dtype=torch.long)
+        batch = self.base.to_device({**host, **extra, "targets": targets})
         # Token t is predicted from positions < t: the hidden state at t-1 is scored against it.
+        # (The shared prefix ends before the first target's predecessor, so no target needs a
+        # prefix position's hidden state.)
         wanted = batch["targets"][:, 1:]
         keep = wanted != IGNORE
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             with lora.active(weights):
-                hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
+                if shared:
+                    hidden = self._after_prefix(
+                        batch["prefix"], batch["input_ids"], batch["attention_mask"]
+                    )
+                else:
+                    hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
             logits = self.lm_head(hidden[:, :-1][keep])  # only the scored positions: [N, vocab]
         logits = logits.float()
         y = wanted[keep]
         loss = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.detach().argmax(-1) == y).sum()
         return loss, int(y.numel()), correct
+
+    def _after_prefix(
+        self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden states of `ids` [B, S] (right-padded) continuing the one `prefix` [1, P]."""
+        rows, (_, p), s = ids.shape[0], prefix.shape, ids.shape[1]
+        out = self.base.backbone(
+            input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True
+        )
+        kv = [
+            (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+            for k, v in cache_tensors(out.past_key_values)
+        ]
+        positions = torch.arange(p, p + s, device=ids.device).expand(rows, s)
+        full_mask = torch.cat([mask.new_ones(rows, p), mask], dim=1)
+        out = self.base.backbone(
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            past_key_values=new_cache(kv),
+            use_cache=True,
+        )
+        return out.last_hidden_state
 
     @torch.inference_mode()
     def _evaluate(

@@ -182,3 +182,48 @@ def test_cuda_placement_matches_cpu(tiny_bert_dir):
     half = BaseModel.load(tiny_bert_dir, device="auto")
     assert half.dtype in (torch.bfloat16, torch.float16)
     torch.testing.assert_close(half.embed(TEXTS).cpu(), cpu.embed(TEXTS), atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_training_attention_on_cpu_runs_in_float32_and_matches(tiny_llama_dir, monkeypatch):
+    """Autocast training's attention is computed in float32 on the CPU (its bf16 backward is
+    slow there); inference keeps bf16 in, and both keep transformers' padding masks."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from loradock.adapters.core.base import TRAINING_SDPA
+
+    base = BaseModel.load(tiny_llama_dir, device="cpu")
+    assert base.lm.config._attn_implementation == TRAINING_SDPA
+    seen: list[tuple[torch.dtype, bool]] = []  # (query dtype, autocast on) inside the call
+    real = sdpa.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    batch = base.pad([[5, 6, 7, 8, 9], [5, 6, 7]])
+    emb = base.lm.get_input_embeddings()
+    x = emb(batch["input_ids"]).detach().requires_grad_(True)  # grads flow into attention
+
+    def hidden(autocast: bool, grad: bool):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return base.backbone(inputs_embeds=x, attention_mask=batch["attention_mask"])[0]
+
+    fp32 = hidden(False, False)
+    seen.clear()
+    trained = hidden(True, True)
+    assert set(seen) == {(torch.float32, False)}
+    trained.float().sum().backward()
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+    seen.clear()
+    served = hidden(True, False)
+    assert {on for _, on in seen} == {True}  # autocast runs it in bf16, as before
+    mask = batch["attention_mask"].bool()
+    for got in (trained, served):  # bf16 matmuls: close to float32 on the real tokens
+        torch.testing.assert_close(got.float()[mask], fp32[mask], rtol=0.05, atol=0.05)
+    # the second row's padding is masked: its real tokens match the row alone
+    alone = base.backbone(
+        inputs_embeds=x[1:, :3].detach(), attention_mask=batch["attention_mask"][1:, :3]
+    )[0]
+    torch.testing.assert_close(fp32[1, :3], alone[0], rtol=1e-4, atol=1e-5)

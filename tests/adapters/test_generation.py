@@ -253,3 +253,83 @@ def test_generation_exports_a_causal_lm_peft_folder_with_a_card(llama, trained):
     base_only = AdapterModel(meta=meta, task=trained.task, head=None, weights=None)
     with pytest.raises(ExportError, match="base model"):
         export_files(base_only, llama, "peft", base_model_id="x", name="h")
+
+
+SYSTEM = "you are the support desk answer with the team that handles the question please"
+
+
+def test_a_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradients(llama, monkeypatch):
+    from loradock.adapters.core import lora
+    from loradock.adapters.training import sft
+    from loradock.adapters.training.trainer import lora_spec
+
+    rows = [
+        render_row(llama, {"messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"{QUESTIONS[i]} " * (1 + i % 3)},
+            {"role": "assistant", "content": ANSWER if i % 2 else "thanks login team"},
+        ]})
+        for i in range(6)
+    ]  # fmt: skip
+    shared = sft.shared_prefix(rows)
+    first_target = min(r.target.index(True) for r in rows)
+    assert sft.MIN_SHARED_PREFIX <= shared < first_target  # the system prompt, not the answer
+    hp = Hyperparameters(rank=4, seed=0)
+    spec, names = lora_spec(llama, hp)
+    lora.install(llama.backbone, names)
+    shapes = {t.name: (t.in_features, t.out_features) for t in llama.linear_targets()
+              if t.name in set(names)}  # fmt: skip
+    weights = lora.LoRAWeights(spec, shapes, device=llama.device,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        for p in weights.parameters():
+            p.normal_(0, 0.2)  # B is zero at init: make both matrices matter
+    weights.eval()  # no dropout: both passes see the same function
+    trainer = SFTTrainer(llama)
+    seen: list[tuple[int, ...]] = []
+    hook = llama.backbone.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+
+    def loss_and_grads():
+        weights.zero_grad(set_to_none=True)
+        loss, n, correct = trainer._forward(rows, weights, None)
+        loss.backward()
+        return float(loss), n, int(correct), [p.grad.clone() for p in weights.parameters()]
+
+    try:
+        once = loss_and_grads()
+        assert seen == [(1, shared), (len(rows), max(len(r.ids) for r in rows) - shared)]
+        seen.clear()
+        monkeypatch.setattr(sft, "MIN_SHARED_PREFIX", 10**9)
+        full = loss_and_grads()
+        assert seen == [(len(rows), max(len(r.ids) for r in rows))]
+    finally:
+        hook.remove()
+    assert once[1:3] == full[1:3]  # the same targets, the same guesses
+    assert once[0] == pytest.approx(full[0], rel=1e-5)
+    for a, b in zip(once[3], full[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batches_keep_rows_of_one_prompt_together_and_by_length():
+    from loradock.adapters.training import sft
+
+    def row(prompt: list[int], answer_len: int) -> sft.Rendered:
+        ids = prompt + [90 + k for k in range(answer_len)]
+        return sft.Rendered(ids, [False] * len(prompt) + [True] * answer_len)
+
+    a = [row([1] * 12 + [2, 3 + i], 1 + i % 4) for i in range(8)]  # one long system prompt
+    b = [row([1] * 3 + [5] * 12 + [i], 1 + i % 3) for i in range(8)]  # another, same opening
+    loose = [row([40 + i, 7], 1 + i) for i in range(5)]  # nothing shared
+    rows = a + b + loose
+    groups = sft.prefix_groups(rows, batch_size=4)
+    assert sorted(map(sorted, groups)) == [list(range(8)), list(range(8, 16)), list(range(16, 21))]
+    batches = SFTTrainer._batches(rows, 4, __import__("random").Random(0))
+    assert sorted(i for b_ in batches for i in b_) == list(range(21))
+    for batch in batches:
+        if all(i < 16 for i in batch):  # the prompt groups fill whole batches
+            assert len({i < 8 for i in batch}) == 1
+            assert sft.shared_prefix([rows[i] for i in batch]) >= 13
+    pool = next(b_ for b_ in batches if 20 in b_)
+    assert pool == sorted(pool, key=lambda i: len(rows[i].ids))  # by length, as before
