@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from loradock.adapters.artifacts.store import ArtifactStore, open_store
 from loradock.adapters.core.base import BaseModel
-from loradock.adapters.core.device import dtype_name
+from loradock.adapters.core.device import configure_threads, dtype_name
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.serving.engine import Engine
 from loradock.adapters.serving.slots import SlotPool
@@ -59,6 +59,7 @@ class Runtime:
         self.db: Database | None = None
         self.store: ArtifactStore | None = None
         self.base: BaseModel | None = None
+        self.threads = 0  # torch intra-op threads, set at start
         self.jobs: JobRunner | None = None
         self.state_collector: StateCollector | None = None
         self._registry_problem: str | None = None
@@ -148,6 +149,8 @@ class Runtime:
             except Exception as e:  # a sweep that fails must not keep the server down
                 log.warning("start-up sweep of the store failed: %s", describe_failure(e))
 
+            self.threads = configure_threads(s.threads)
+            log.info("torch intra-op threads: %d", self.threads)
             t0 = time.perf_counter()
             resolved = s.resolved_base_model()
             base = BaseModel.load(
@@ -215,6 +218,7 @@ class Runtime:
                 "device": str(base.device),
                 "dtype": dtype_name(base.dtype),
                 "fingerprint": base.fingerprint,
+                "threads": str(self.threads),
             }
         )
 

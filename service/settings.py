@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 (or float16) on CUDA."
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="torch intra-op threads for the forward passes; 0 = OMP_NUM_THREADS when "
+        "that is set, else the CPUs this process may use (its CPU affinity, capped by its "
+        "cgroup CPU quota rounded up).",
+    )
     max_seq_length: int | None = Field(
         None,
         ge=8,

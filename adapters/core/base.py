@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -398,6 +400,20 @@ class BaseModel:
 
 
 # --- KV caches (transformers' cache objects as plain per-layer (key, value) lists) ---------------
+
+
+@functools.cache
+def cache_argument(forward: Callable[..., Any]) -> str:
+    """The KV cache's keyword of a model class's `forward`: `cache` (transformers >= 5.20) or
+    `past_key_values`; read once per class."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_of(result: Any) -> Any:
+    """The KV cache a model's output carries (`cache` or, before transformers 5.20,
+    `past_key_values`)."""
+    cache = getattr(result, "cache", None)
+    return cache if cache is not None else getattr(result, "past_key_values", None)
 
 
 def cache_tensors(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+from pathlib import Path
+
 import torch
+
+log = logging.getLogger(__name__)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -64,3 +72,54 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# --- CPU threads ----------------------------------------------------------------------------------
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPUs this process's cgroup may use per period (quota / period), or None when it is
+    not limited. Reads cgroup v2 (`cpu.max`: "max 100000" or "150000 100000") and v1
+    (`cpu/cpu.cfs_quota_us`, -1 = no limit, and `cpu/cpu.cfs_period_us`)."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, _, period = v2.read_text().strip().partition(" ")
+            if quota == "max":
+                return None
+            return int(quota) / int(period or 100_000)
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file():
+            quota_us = int(v1.read_text().strip())
+            if quota_us <= 0:
+                return None
+            return quota_us / int((root / "cpu" / "cpu.cfs_period_us").read_text().strip())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None  # an unreadable or odd cgroup file: fall back to the affinity
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may actually use: the CPUs it may run on (affinity), capped by its
+    cgroup's CPU quota rounded up (a pod limited to 1.5 CPUs on a 64-core node gets 2)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit - 1e-9)))
+    return max(1, cpus)
+
+
+def configure_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads: `requested`; or (None or 0) OMP_NUM_THREADS when the
+    environment sets it (torch already follows it), else the CPUs this process may use. More
+    threads than CPUs spin against each other (measured 4-20x slower on a busy 2-core
+    machine, bench/README.md). Returns the count in use."""
+    if not requested and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return torch.get_num_threads()
+    n = requested or available_cpus()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

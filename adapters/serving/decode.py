@@ -43,13 +43,17 @@ from typing import Any, Protocol
 import torch
 
 from loradock.adapters.core import lora
-from loradock.adapters.core.base import BaseModel, cache_tensors, new_cache
+from loradock.adapters.core.base import (
+    BaseModel,
+    cache_argument,
+    cache_of,
+    cache_tensors,
+    new_cache,
+)
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.serving.generation import (
     PromptTooLong,
     SamplingParams,
-    _cache_argument,
-    _cache_of,
     context_length,
     draw,
     stop_token_ids,
@@ -354,7 +358,7 @@ class GenerationEngine:
         self.metrics = metrics
         self.context = context_length(base)
         self.eos = frozenset(stop_token_ids(base))
-        self._cache_arg = _cache_argument(type(base.lm).forward)
+        self._cache_arg = cache_argument(type(base.lm).forward)
         # The decoder's last hidden states during prefill (a hook: no second pass, no copies of
         # every layer's states), for the prompt embeddings drift monitoring uses.
         self._hidden: torch.Tensor | None = None
@@ -619,7 +623,7 @@ class GenerationEngine:
             s.embedding = pooled[i]
         batch = _Batch(
             seqs=group,
-            kv=cache_tensors(_cache_of(out)),
+            kv=cache_tensors(cache_of(out)),
             mask=mask,
             lengths=[len(s.prompt) for s in group],
             pending=torch.zeros(len(group), dtype=torch.long, device=device),
@@ -640,7 +644,7 @@ class GenerationEngine:
         real = torch.ones(1, end - start, dtype=torch.long, device=device)  # the chunk's tokens
         out, summed = self._prefill_forward(ids, mask, positions, self._partial, ctx, real)
         self.prefill_passes += 1
-        self._partial = _cache_of(out)
+        self._partial = cache_of(out)
         seq.embedding = (
             summed[0] if start == 0 or seq.embedding is None else seq.embedding + summed[0]
         )
@@ -684,7 +688,7 @@ class GenerationEngine:
             batch.pending.view(-1, 1), mask, positions, new_cache(batch.kv), batch.ctx
         )
         self.steps += 1
-        batch.kv = cache_tensors(_cache_of(out))
+        batch.kv = cache_tensors(cache_of(out))
         batch.mask = mask
         batch.lengths = [n + 1 for n in batch.lengths]
         tokens, extra = _sample(out.logits[:, -1], batch.seqs)

@@ -12,16 +12,14 @@ what that engine's greedy output is checked against.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from loradock.adapters.core import lora
-from loradock.adapters.core.base import BaseModel
+from loradock.adapters.core.base import BaseModel, cache_argument, cache_of
 from loradock.adapters.training.sft import render_chat
 
 
@@ -113,18 +111,6 @@ def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
-@functools.cache
-def _cache_argument(forward: Callable[..., Any]) -> str:
-    """The KV cache's keyword of a model class's `forward`: `cache` (transformers >= 5.20) or
-    `past_key_values`; read once per class."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def _cache_of(result: Any) -> Any:
-    cache = getattr(result, "cache", None)
-    return cache if cache is not None else getattr(result, "past_key_values", None)
-
-
 @torch.inference_mode()
 def generate(
     base: BaseModel,
@@ -150,11 +136,11 @@ def generate(
     finish = "length"
     text = ""
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=base.device)
-    cache_arg = _cache_argument(type(base.lm).forward)
+    cache_arg = cache_argument(type(base.lm).forward)
     with lora.active(ctx):
         # logits_to_keep=1: the prompt's other positions need no vocabulary projection
         result = base.lm(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past = _cache_of(result)
+        past = cache_of(result)
         logits = result.logits[0, -1]
         for _ in range(max_new):
             nxt = int(draw(logits, params, generator))
@@ -169,7 +155,7 @@ def generate(
                     return Generated(text[:cut], out_ids, "stop", len(prompt_ids))
             step = torch.tensor([[nxt]], dtype=torch.long, device=base.device)
             result = base.lm(input_ids=step, use_cache=True, **{cache_arg: past})
-            past = _cache_of(result)
+            past = cache_of(result)
             logits = result.logits[0, -1]
     text = tok.decode(out_ids, skip_special_tokens=True)
     return Generated(text, out_ids, finish, len(prompt_ids))

@@ -40,7 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from loradock.adapters.core import lora
-from loradock.adapters.core.base import BaseModel, cache_tensors, new_cache
+from loradock.adapters.core.base import (
+    BaseModel,
+    cache_argument,
+    cache_of,
+    cache_tensors,
+    new_cache,
+)
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.training.data import Dataset, Example, stratified_split
@@ -515,7 +521,7 @@ class SFTTrainer:
         )
         kv = [
             (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-            for k, v in cache_tensors(out.past_key_values)
+            for k, v in cache_tensors(cache_of(out))
         ]
         positions = torch.arange(p, p + s, device=ids.device).expand(rows, s)
         full_mask = torch.cat([mask.new_ones(rows, p), mask], dim=1)
@@ -523,8 +529,8 @@ class SFTTrainer:
             input_ids=ids,
             attention_mask=full_mask,
             position_ids=positions,
-            past_key_values=new_cache(kv),
             use_cache=True,
+            **{cache_argument(type(self.base.backbone).forward): new_cache(kv)},
         )
         return out.last_hidden_state
 
