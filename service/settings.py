@@ -101,7 +101,11 @@ class Settings(BaseSettings):
         description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 (or float16) on CUDA."
+        "auto",
+        description="The frozen base's weights dtype. auto: on CUDA bfloat16 (float16 where "
+        "bf16 is missing); on the CPU bfloat16 for an encoder where the CPU runs bf16 natively "
+        "(AVX512-BF16 or AMX), else float32; a causal LM stays float32 on the CPU. LoRA "
+        "deltas follow the base's dtype; heads are always float32.",
     )
     threads: int = Field(
         0,

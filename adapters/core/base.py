@@ -156,19 +156,26 @@ class BaseModel:
         path: str | Path,
         *,
         device: str = "auto",
-        dtype: str = "auto",
+        dtype: str = "float32",
         max_length: int | None = None,
         hf_id: str | None = None,
     ) -> BaseModel:
         """Load tokenizer and backbone from a local directory (never from the network).
-        `max_length` None: DEFAULT_MAX_LENGTH of the model's kind (capped by the model)."""
+        `max_length` None: DEFAULT_MAX_LENGTH of the model's kind (capped by the model).
+        `dtype`: float32 (exact, the library default), bfloat16, float16, or "auto", the
+        deployment policy of `resolve_dtype` (what the service's LORADOCK_DTYPE=auto does)."""
         model_dir = check_model_dir(path)
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
         hf_logging.disable_progress_bar()
         lm = None
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        except Exception as e:  # transformers raises many types; report them all alike
+            raise BaseModelError(f"could not load base model from {str(model_dir)!r}: {e}") from e
+        torch_dtype = resolve_dtype(
+            dtype, torch_device, CAUSAL_LM if is_causal_lm(config) else ENCODER
+        )
+        try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             if is_causal_lm(config):
                 lm = AutoModelForCausalLM.from_pretrained(
@@ -459,9 +466,10 @@ def _training_sdpa(
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
         with torch.autocast("cpu", enabled=False):
-            return sdpa_attention_forward(
+            out, weights = sdpa_attention_forward(
                 module, query.float(), key.float(), value.float(), attention_mask, **kwargs
             )
+        return out.to(value.dtype if value.dtype != torch.float32 else query.dtype), weights
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -52,15 +52,29 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), where a bf16
+    base is ~2x faster than float32; elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(requested: str, device: torch.device, kind: str = "encoder") -> torch.dtype:
     """Turn a setting (`auto` or a name from DTYPES) into a dtype that fits the device.
 
-    `auto` is float32 on CPU (half precision is slow there and loses accuracy) and bfloat16 on GPUs
-    that support it, float16 on older ones.
+    `auto` on GPUs: bfloat16 where supported, else float16. On the CPU: bfloat16 for an encoder
+    base where the CPU runs bf16 natively (measured on three real sets: 99.6-100% of
+    predictions equal to float32's, held-out macro-F1 within 0.5 points, 1.8-2.2x the served
+    rows/s; bench/README.md), else float32. A causal LM stays float32 on the CPU until bf16
+    decoding is measured the same way.
     """
     if requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if kind == "encoder" and cpu_has_native_bf16():
+            return torch.bfloat16
         return torch.float32
     if requested not in DTYPES:
         raise DeviceError(f"unknown dtype {requested!r}; expected auto or one of {sorted(DTYPES)}")

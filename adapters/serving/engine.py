@@ -95,7 +95,9 @@ class Engine:
                     return res
                 started = time.perf_counter()
                 model = load_adapter(self.store, ref.key, self.base)
-                like = {"device": self.base.device, "dtype": self.base.dtype}
+                # Heads stay float32 whatever the base's dtype: the pooled features are float32
+                # and a head is a few KB.
+                like = {"device": self.base.device, "dtype": torch.float32}
                 if model.head is None:  # generation: no head; its rows are decoded as tokens
                     head = LinearHead(
                         torch.zeros(1, self.base.hidden_size, **like), torch.zeros(1, **like)
@@ -119,7 +121,7 @@ class Engine:
         the base). It rides in mixed batches like any adapter; nothing is loaded or held, so it is
         never acquired nor released."""
         if self._base_resident is None:
-            like = {"device": self.base.device, "dtype": self.base.dtype}
+            like = {"device": self.base.device, "dtype": torch.float32}
             head = LinearHead(torch.zeros(1, self.base.hidden_size, **like), torch.zeros(1, **like))
             ref = AdapterRef(adapter_id="", version=0, name="base")
             self._base_resident = Resident(ref, 0, ServedHead(_PooledOnly(), head))  # type: ignore[arg-type]

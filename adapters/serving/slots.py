@@ -76,12 +76,15 @@ class SlotPool:
         max_rank: int,
         capacity: int,
         cpu_capacity: int = 0,
+        lora_dtype: torch.dtype | None = None,
     ) -> None:
+        """`lora_dtype`: the slots' A/B dtype (default the base's). float32 under a bf16 base
+        keeps each delta's low bits (x is cast up per layer and the delta back down)."""
         if capacity < 1 or max_rank < 1:
             raise ValueError("capacity and max_rank must be at least 1")
         self.base = base
         self.device = base.device
-        self.dtype = base.dtype
+        self.dtype = lora_dtype or base.dtype
         self.max_rank = max_rank
         self.capacity = capacity
         self.cpu_capacity = cpu_capacity
@@ -326,7 +329,7 @@ class BatchedLoRA:
         if gathered is None:
             return None
         a_t, b_t = gathered
-        h = torch.bmm(x, a_t)  # [B, T, r]
+        h = torch.bmm(x.to(a_t.dtype), a_t)  # [B, T, r]
         if self._kept is not None:
-            return torch.bmm(h, b_t)  # [B, T, d_out], the scale already in b_t
-        return torch.bmm(h, b_t) * self.scale  # [B, T, d_out]
+            return torch.bmm(h, b_t).to(x.dtype)  # [B, T, d_out], the scale already in b_t
+        return (torch.bmm(h, b_t) * self.scale).to(x.dtype)  # [B, T, d_out]

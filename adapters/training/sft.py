@@ -47,6 +47,7 @@ from loradock.adapters.core.base import (
     cache_tensors,
     new_cache,
 )
+from loradock.adapters.core.device import cpu_has_native_bf16
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.training.data import Dataset, Example, stratified_split
@@ -193,11 +194,7 @@ def autocast_dtype(device: torch.device, setting: str) -> torch.dtype | None:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if setting == "bf16":
         return torch.bfloat16
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 class SFTTrainer:

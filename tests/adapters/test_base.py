@@ -227,3 +227,17 @@ def test_bf16_training_attention_on_cpu_runs_in_float32_and_matches(tiny_llama_d
         inputs_embeds=x[1:, :3].detach(), attention_mask=batch["attention_mask"][1:, :3]
     )[0]
     torch.testing.assert_close(fp32[1, :3], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_llama_dir"])
+def test_a_bf16_base_trains_through_float32_attention(request, fixture):
+    """A bf16 base (no autocast) whose activations need gradients: attention computed in
+    float32 and handed back in bf16, so the next bf16 layer accepts it."""
+    base = BaseModel.load(request.getfixturevalue(fixture), device="cpu", dtype="bfloat16")
+    batch = base.pad([[5, 6, 7, 8, 9], [5, 6, 7]])
+    x = base.backbone.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    out = base.backbone(inputs_embeds=x, attention_mask=batch["attention_mask"])[0]
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()

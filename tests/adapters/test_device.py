@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,10 +30,23 @@ def test_unknown_devices_are_rejected_with_the_value(requested):
 
 @pytest.mark.parametrize(
     ("requested", "expected"),
-    [("auto", torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)],
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16)],
 )
 def test_dtype_on_cpu(requested, expected):
     assert resolve_dtype(requested, torch.device("cpu")) is expected
+
+
+def test_auto_on_cpu_is_bf16_for_an_encoder_only_where_the_cpu_runs_bf16():
+    from loradock.adapters.core.device import cpu_has_native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert cpu_has_native_bf16()
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu"), "encoder") is expected
+    # a causal LM stays float32 on the CPU (bf16 decoding not measured yet)
+    assert resolve_dtype("auto", torch.device("cpu"), "causal_lm") is torch.float32
 
 
 def test_float16_on_cpu_is_refused():
