@@ -7,6 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from loradock.adapters import tasks
@@ -57,7 +58,10 @@ def test_a_fixed_C_fits_the_same_model_as_scikit_learn():
 
 
 def test_the_probe_is_as_good_as_a_grid_searched_logistic_regression():
-    for seed in (0,):  # one problem: the reference's grid search takes ~20 s on 2 cores
+    """The reference is what a practitioner runs: scikit-learn's standardize + logistic
+    regression, C grid-searched by 5-fold CV on macro-F1 (standardized, it converges in ~1 s;
+    unstandardized it took 13-85 s and was a weaker reference)."""
+    for seed in (0, 1, 2):
         (x, y), (x_te, y_te) = gaussian_problem(seed=seed)
         data, task = as_dataset(y)
         head, settings = fit_probe(
@@ -68,8 +72,8 @@ def test_the_probe_is_as_good_as_a_grid_searched_logistic_regression():
         assert settings["standardized"]
         ours = f1_score(y_te, head(torch.from_numpy(x_te)).argmax(1).numpy(), average="macro")
         grid = GridSearchCV(
-            LogisticRegression(max_iter=5000),
-            {"C": np.logspace(-3, 3, 13)},
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
+            {"logisticregression__C": np.logspace(-3, 3, 13)},
             cv=StratifiedKFold(5, shuffle=True, random_state=0),
             scoring="f1_macro",
         ).fit(x, y)
