@@ -11,8 +11,10 @@ held-out macro-F1 on real sets, in one process.
    forward with the gathered LoRA, pool, heads) in each precision; rows/s, median of --runs,
    against the bare float32 base forward on the same tokens (the baseline, 1.00).
 
-Precisions: `float32` (today); `bfloat16` base with the LoRA slots in bf16; `bfloat16` base with
-the LoRA slots in float32 (`lora32`). Heads are float32 in every case.
+Precisions: `float32`; `bfloat16` base with the LoRA slots in bf16; `bfloat16` base with the LoRA
+slots in float32 (`lora32`). Heads are float32 in every case. `-onepass`: the whole batch in one
+padded pass instead of length-sorted chunks (`engine.length_chunks`, CPU only); the padding waste
+of both is printed.
 
     apt-get install -y fortunes wordnet-base
     .venv/bin/python bench/precision.py [--sets topic glosses names] [--runs 7]
@@ -37,17 +39,26 @@ from serving import TARGETS, median_seconds, random_adapter, served
 
 from loradock.adapters import tasks
 from loradock.adapters.core.base import BaseModel, default_base_model_path
+from loradock.adapters.serving import engine as engine_module
 from loradock.adapters.serving.engine import Engine, ServedHead
 from loradock.adapters.serving.slots import AdapterRef, SlotPool
 from loradock.adapters.training.data import validate_rows
 from loradock.adapters.training.hyperparameters import Hyperparameters
 from loradock.adapters.training.trainer import Trainer
 
-VARIANTS = {  # name: (base dtype, LoRA slot dtype)
-    "float32": ("float32", torch.float32),
-    "bfloat16": ("bfloat16", torch.bfloat16),
-    "bfloat16+lora32": ("bfloat16", torch.float32),
+VARIANTS = {  # name: (base dtype, LoRA slot dtype, rows in length-sorted chunks)
+    "float32": ("float32", torch.float32, True),
+    "bfloat16": ("bfloat16", torch.bfloat16, True),
+    "bfloat16+lora32": ("bfloat16", torch.float32, True),
+    "float32-onepass": ("float32", torch.float32, False),
+    "bfloat16-onepass": ("bfloat16", torch.bfloat16, False),
 }
+
+
+def padding_waste(lengths: list[int], chunks: list[list[int]]) -> float:
+    """Share of the tokens a pass computes that are padding."""
+    padded = sum(len(c) * max(lengths[i] for i in c) for c in chunks)
+    return 1 - sum(lengths) / padded
 
 
 def train_adapters(base: BaseModel, sets: list[str]) -> dict[str, dict]:
@@ -107,10 +118,21 @@ def main() -> None:
 
         bare[n] = n / median_seconds(forward, args.runs)
 
+    chunker = engine_module.length_chunks
+
+    def one_pass(lengths, **_) -> list[list[int]]:
+        return [list(range(len(lengths)))]
+
+    for n in (32, 128):
+        lengths = [len(x) for x in fp32.encode(texts[:n])]
+        whole, parts = padding_waste(lengths, one_pass(lengths)), chunker(lengths)
+        print(f"padding waste at batch {n}: one pass {whole:.1%}, length-sorted chunks "
+              f"{padding_waste(lengths, parts):.1%} ({len(parts)} chunks)")  # fmt: skip
     results: dict[str, dict] = {}
     reference: dict[str, list[str]] = {}
     for variant in args.variants:
-        dtype, lora_dtype = VARIANTS[variant]
+        dtype, lora_dtype, chunked = VARIANTS[variant]
+        engine_module.length_chunks = chunker if chunked else one_pass
         base = fp32 if dtype == "float32" else BaseModel.load(path, dtype=dtype)
         targets = sorted({*TARGETS, *base.default_target_modules()})
         pool = SlotPool(base, targets, max_rank=8, capacity=32 + len(args.sets),

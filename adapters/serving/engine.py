@@ -59,6 +59,28 @@ class RowResult:
         return out
 
 
+def length_chunks(
+    lengths: Sequence[int], *, min_rows: int = 8, slack: float = 0.25
+) -> list[list[int]]:
+    """Row indices in chunks of similar length (ascending), so that each chunk pads little:
+    once a chunk has `min_rows` rows, a row that would make its padded tokens exceed its real
+    tokens by more than `slack` starts the next chunk. Equal lengths make one chunk."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        if len(current) >= min_rows and (len(current) + 1) * n > (1 + slack) * (real + n):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class Engine:
     """Resolves adapter versions to pool slots (loading them on a miss) and runs mixed batches."""
 
@@ -168,12 +190,27 @@ class Engine:
     @torch.inference_mode()
     def _run(self, residents: Sequence[Resident], ids: Sequence[Sequence[int]]) -> list[RowResult]:
         with self.gate.serving():
-            host = self.base.pad(ids)
-            batch = self.base.to_device(host)
-            ctx = BatchedLoRA(self.pool, [r.slot for r in residents])
-            with lora.active(ctx):
-                hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
-            pooled = self.base.mean_pool(hidden, batch["attention_mask"])  # [B, hidden] fp32
+            # On the CPU a pass costs about its padded tokens: rows of very different lengths
+            # run as a few length-sorted chunks (bench/README.md). A GPU takes one pass.
+            chunks = [list(range(len(ids)))]
+            if self.base.device.type == "cpu":
+                by_length = length_chunks([len(row) for row in ids])
+                if len(by_length) > 1:
+                    chunks = by_length
+            parts = []
+            for rows in chunks:
+                host = self.base.pad([ids[i] for i in rows])
+                batch = self.base.to_device(host)
+                ctx = BatchedLoRA(self.pool, [residents[i].slot for i in rows])
+                with lora.active(ctx):
+                    hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"])
+                parts.append(self.base.mean_pool(hidden, batch["attention_mask"]))  # fp32
+            if len(chunks) == 1:
+                pooled = parts[0]  # [B, hidden] fp32
+            else:
+                order = torch.tensor([i for rows in chunks for i in rows])
+                pooled = parts[0].new_empty(len(ids), parts[0].shape[1])
+                pooled[order.to(pooled.device)] = torch.cat(parts)
             head_out = self._heads(residents, pooled)  # [B, max outputs] fp32
             # One device->host copy per batch: pooled embeddings and head outputs together.
             both = torch.cat([pooled, head_out], dim=1).cpu()

@@ -278,3 +278,37 @@ def test_a_bf16_base_keeps_float32_heads_and_lora_slots_of_either_dtype(tiny_ber
     lora16 = pooled_and_head(bf16, None)
     for got in (lora32, lora16):  # measured: 1.5% (bf16 rounding of the base's activations)
         assert (got - want).norm() / want.norm() < 0.05
+
+
+def test_length_chunks_cut_where_padding_would_grow():
+    from loradock.adapters.serving.engine import length_chunks
+
+    lengths = [5] * 10 + [40] * 10 + [6, 41]
+    chunks = length_chunks(lengths)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert len(chunks) == 2
+    assert {lengths[i] for i in chunks[0]} == {5, 6}
+    assert length_chunks([7] * 50) == [list(range(50))]  # equal lengths: one pass
+    assert len(length_chunks([1, 100, 2, 200])) == 1  # fewer than min_rows: one pass
+
+
+def test_rows_of_mixed_lengths_run_in_chunks_with_the_same_results(tiny_bert_dir):
+    from loradock.adapters.serving.engine import length_chunks
+
+    base = BaseModel.load(tiny_bert_dir, device="cpu")
+    pool = pool_for(base, capacity=4)
+    residents = [
+        pool.load(AdapterRef(f"ad_{i}", 1), random_weights(base, 4, 8, ("query", "value"), None,
+                                                           seed=i), served(i))
+        for i in range(3)
+    ]  # fmt: skip
+    engine = Engine(base, pool, store=None)
+    texts = [f"short {i}" for i in range(10)] + [" ".join(TEXTS) + f" {i}" for i in range(10)]
+    rows = [residents[i % 3] for i in range(len(texts))]
+    assert len(length_chunks([len(x) for x in base.encode(texts)])) > 1  # really chunked
+    together = engine.run(rows, texts)
+    for i, text in enumerate(texts):
+        alone = engine.run([rows[i]], [text])[0]
+        assert together[i].output["label"] == alone.output["label"]
+        torch.testing.assert_close(together[i].pooled, alone.pooled, rtol=1e-4, atol=1e-5)
+        assert together[i].tokens == alone.tokens
