@@ -172,12 +172,11 @@ class BaseModel:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         except Exception as e:  # transformers raises many types; report them all alike
             raise BaseModelError(f"could not load base model from {str(model_dir)!r}: {e}") from e
-        torch_dtype = resolve_dtype(
-            dtype, torch_device, CAUSAL_LM if is_causal_lm(config) else ENCODER
-        )
+        causal = is_causal_lm(config)
+        torch_dtype = resolve_dtype(dtype, torch_device, CAUSAL_LM if causal else ENCODER)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            if is_causal_lm(config):
+            if causal:
                 lm = AutoModelForCausalLM.from_pretrained(
                     model_dir, config=config, dtype=torch_dtype, local_files_only=True
                 )

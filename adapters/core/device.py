@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 DTYPES: dict[str, torch.dtype] = {

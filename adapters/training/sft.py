@@ -512,7 +512,8 @@ class SFTTrainer:
         self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Hidden states of `ids` [B, S] (right-padded) continuing the one `prefix` [1, P]."""
-        rows, (_, p), s = ids.shape[0], prefix.shape, ids.shape[1]
+        rows, s = ids.shape
+        p = prefix.shape[1]
         out = self.base.backbone(
             input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True
         )
