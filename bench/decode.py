@@ -35,16 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import realsets
+from models import causal_lm
 
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.lora import LoRASpec, LoRAWeights
-from loradock.adapters.core.presets import resolve_base_model
 from loradock.adapters.serving.decode import Failed, Finished, GenerationEngine, Sequence, Token
 from loradock.adapters.serving.generation import SamplingParams, chat_prompt_ids, generate
 from loradock.adapters.serving.slots import AdapterRef, BatchedLoRA, SlotPool
 from loradock.adapters.training import sft
-
-CACHE = Path.home() / ".cache" / "loradock-bench"
 
 
 def random_adapters(base: BaseModel, targets: list[str], n: int) -> list[LoRAWeights]:
@@ -179,7 +177,7 @@ def main() -> None:
     p.add_argument("--peft-requests", type=int, default=8, help="requests for peft's one-by-one")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    resolved = resolve_base_model("smollm2-135m-instruct", CACHE)
+    resolved = causal_lm()
     base = BaseModel.load(resolved.path, hf_id=resolved.hf_id, device=args.device,
                           dtype=args.dtype)  # fmt: skip
     print(f"base {resolved.hf_id} on {base.device}/{base.dtype}, torch threads "

@@ -5,10 +5,11 @@ apt-get install -y fortunes
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
-FORTUNES = Path("/usr/share/games/fortunes")
+FORTUNES = Path(os.environ.get("LORADOCK_BENCH_FORTUNES", "/usr/share/games/fortunes"))
 
 
 def load_categories(max_chars: int = 400) -> dict[str, list[str]]:

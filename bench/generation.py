@@ -33,17 +33,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import realsets
+from models import causal_lm
 
 from loradock.adapters.core.base import BaseModel
-from loradock.adapters.core.presets import resolve_base_model
 from loradock.adapters.serving.generation import SamplingParams, chat_prompt_ids, generate
 from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.training.data import validate_rows
 from loradock.adapters.training.hyperparameters import Hyperparameters
 from loradock.adapters.training.sft import IGNORE, SFTTrainer, render_row
 from loradock.adapters.training.trainer import TrainCallbacks
-
-CACHE = Path.home() / ".cache" / "loradock-bench"
 
 
 def parse(text: str) -> dict | None:
@@ -157,7 +155,7 @@ def main() -> None:
     p.add_argument("--hp", type=json.loads, default={})
     args = p.parse_args()
     torch.set_num_threads(2)
-    resolved = resolve_base_model("smollm2-135m-instruct", CACHE)
+    resolved = causal_lm()
     base = BaseModel.load(resolved.path, hf_id=resolved.hf_id, max_length=512)
     train_rows, test_rows = realsets.name_json(args.seed, args.train, args.test)
     data = validate_rows(train_rows, Generation, max_rows=10**6, max_text_chars=10**5)

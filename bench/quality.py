@@ -33,11 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import realsets
+from models import encoder_path
 from train import run_plain
 
 from loradock.adapters import tasks
 from loradock.adapters.artifacts.files import AdapterModel
-from loradock.adapters.core.base import BaseModel, default_base_model_path
+from loradock.adapters.core.base import BaseModel
 from loradock.adapters.training.data import validate_rows
 from loradock.adapters.training.trainer import Hyperparameters, Trainer
 
@@ -107,10 +108,12 @@ def main() -> None:
     p.add_argument("--plain-epochs", type=int, default=10)
     p.add_argument("--hp", type=json.loads, default={})
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--dtype", default="auto", help="the base's dtype (auto: the service's)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    model_dir = default_base_model_path()
-    base = BaseModel.load(model_dir)
+    model_dir = encoder_path()
+    base = BaseModel.load(model_dir, dtype=args.dtype)
+    print(f"base dtype {base.dtype}", flush=True)
     results: dict[str, dict] = {}
     for name in args.sets:
         for seed in args.seeds:
@@ -140,6 +143,13 @@ def main() -> None:
             f"{name} | {med('probe')} | {med('plain')} | {med('setfit')} | {med('loradock')} "
             f"({served})"
         )
+    for name in args.sets:
+        runs = [results[f"{name}/{s}"]["loradock"] for s in args.seeds
+                if "loradock" in results[f"{name}/{s}"]]  # fmt: skip
+        if runs:
+            print(f"{name}: loradock mean macro-F1 {statistics.fmean(r['f1'] for r in runs):.4f}, "
+                  f"mean seconds {statistics.fmean(r['seconds'] for r in runs):.1f}, best epochs "
+                  f"{[r['best_epoch'] for r in runs]}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

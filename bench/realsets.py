@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import tarfile
@@ -28,7 +29,7 @@ from pathlib import Path
 from fortunes import load_categories, per_class_split
 
 WORDNET = Path("/usr/share/wordnet/data.noun")
-CACHE = Path.home() / ".cache" / "loradock-bench"
+CACHE = Path(os.environ.get("LORADOCK_BENCH_CACHE", Path.home() / ".cache" / "loradock-bench"))
 # WordNet 3.0 lexicographer file numbers of the noun files (lexnames(5WN)).
 NOUN_LEXNAMES = {
     4: "act", 5: "animal", 6: "artifact", 7: "attribute", 8: "body", 9: "cognition",

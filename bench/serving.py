@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fortunes import load_categories
+from models import encoder_path
 
 from loradock.adapters.artifacts import files as artifacts
 from loradock.adapters.artifacts.store import LocalStore
 from loradock.adapters.core import lora
-from loradock.adapters.core.base import BaseModel, default_base_model_path
+from loradock.adapters.core.base import BaseModel
 from loradock.adapters.serving.engine import Engine, ServedHead
 from loradock.adapters.serving.slots import AdapterRef, BatchedLoRA, SlotPool
 from loradock.adapters.tasks.classification import Classification
@@ -77,14 +78,18 @@ def median_seconds(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def mixed_batch(base: BaseModel, texts: list[str], runs: int) -> None:
+def mixed_batch(base: BaseModel, texts: list[str], runs: int, distinct: int | None = None,
+                peft: bool = True) -> None:  # fmt: skip
+    """`distinct` adapters (default: one per row) spread over the rows round-robin."""
     n = len(texts)
-    weights = [random_adapter(base, s) for s in range(n)]
-    pool = SlotPool(base, TARGETS, max_rank=8, capacity=n)
-    residents = [
+    k = min(distinct or n, n)
+    weights = [random_adapter(base, s) for s in range(k)]
+    pool = SlotPool(base, TARGETS, max_rank=8, capacity=k)
+    loaded = [
         pool.load(AdapterRef(f"ad_{i}", 1), w, served(i, base.hidden_size))
         for i, w in enumerate(weights)
     ]  # fmt: skip
+    residents = [loaded[i % k] for i in range(n)]
     engine = Engine(base, pool, store=None)  # type: ignore[arg-type]
     batch = base.tokenize(texts)
 
@@ -106,6 +111,17 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int) -> None:
     t_bare_embed = median_seconds(bare_embed, runs)
     t_ours = median_seconds(ours_forward, runs)
     t_engine = median_seconds(ours_engine, runs)
+    tokens = int(batch["attention_mask"].sum())
+    if not peft:
+        print(f"mixed batch on {base.device}/{base.dtype}: {n} rows, {k} distinct adapters, "
+              f"{tokens} tokens, median of {runs} runs")  # fmt: skip
+        for label, t in [("bare base forward (baseline)", t_bare),
+                         ("loradock batched LoRA forward", t_ours),
+                         ("bare base embed (tokenize + forward + pool)", t_bare_embed),
+                         ("loradock engine.run (tokenize, fwd, heads)", t_engine)]:  # fmt: skip
+            print(f"  {label:44s} {t * 1000:8.1f} ms  throughput ratio vs base {t_bare / t:.3f}")
+        print(f"  engine.run vs bare embed (both tokenize and pool): {t_bare_embed / t_engine:.3f}")
+        return
 
     # peft: the same 32 adapters in one PeftModel on a separate copy of the base
     ref = BaseModel.load(base.path, device=str(base.device))
@@ -113,11 +129,11 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int) -> None:
     config = LoraConfig(r=8, lora_alpha=16, target_modules=cfg["target_modules"], lora_dropout=0.0)
     model = get_peft_model(ref.backbone, config, adapter_name="a0")
     set_peft_model_state_dict(model, weights[0].peft_state_dict(), adapter_name="a0")
-    for i in range(1, n):
+    for i in range(1, k):
         model.add_adapter(f"a{i}", config)
         set_peft_model_state_dict(model, weights[i].peft_state_dict(), adapter_name=f"a{i}")
     model.eval()
-    names = [f"a{i}" for i in range(n)]
+    names = [f"a{i % k}" for i in range(n)]
 
     def peft_mixed() -> None:
         with torch.inference_mode():
@@ -142,8 +158,7 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int) -> None:
         plain = base.hidden_states(batch["input_ids"], batch["attention_mask"])
     diff = (theirs - mine).abs().max().item()
     effect = (theirs - plain).abs().max().item()
-    tokens = int(batch["attention_mask"].sum())
-    print(f"mixed batch: {n} rows, {n} distinct adapters, {tokens} tokens, median of {runs} runs "
+    print(f"mixed batch: {n} rows, {k} distinct adapters, {tokens} tokens, median of {runs} runs "
           f"(max |peft - loradock| = {diff:.2e}; max |adapted - bare| = {effect:.2e})")  # fmt: skip
     for label, t in [
         ("bare base forward (baseline)", t_bare),
@@ -187,6 +202,8 @@ def hot_load(base: BaseModel, counts: list[int], samples: int, peft_counts: list
                 loaded += 1
             print(f"  {count:5d} resident: p50 {statistics.median(times) * 1000:6.2f} ms  "
                   f"p90 {sorted(times)[int(0.9 * len(times))] * 1000:6.2f} ms")  # fmt: skip
+        if not peft_counts:
+            return
         # peft for comparison: load_adapter from a PEFT directory into one PeftModel
         adir = Path(d) / "peft"
         adir.mkdir()
@@ -246,12 +263,22 @@ def main() -> None:
     p.add_argument("--peft-counts", type=int, nargs="*", default=[1, 100, 300])
     p.add_argument("--capacity", type=int, default=1000)
     p.add_argument(
+        "--adapters",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="distinct adapters in the mixed batch (0: one per row)",
+    )
+    p.add_argument("--no-peft", action="store_true", help="skip the peft comparisons")
+    p.add_argument("--dtype", default="float32", help="the base's dtype (auto: the service's)")
+    p.add_argument("--samples", type=int, default=20, help="hot loads per resident count")
+    p.add_argument(
         "--parts", nargs="+", default=["capacity", "mixed", "load"],
         help="capacity runs first: RSS growth is only meaningful in a fresh process",
     )  # fmt: skip
     args = p.parse_args()
     torch.manual_seed(0)
-    base = BaseModel.load(default_base_model_path(), device="auto")
+    base = BaseModel.load(encoder_path(), device="auto", dtype=args.dtype)
     base.warm_up()
     quotes = [q for qs in load_categories().values() for q in qs]
     texts = quotes[:: max(1, len(quotes) // args.rows)][: args.rows]
@@ -259,9 +286,10 @@ def main() -> None:
     if "capacity" in args.parts:
         capacity(base, args.capacity)
     if "mixed" in args.parts:
-        mixed_batch(base, texts, args.runs)
+        for distinct in args.adapters:
+            mixed_batch(base, texts, args.runs, distinct or None, peft=not args.no_peft)
     if "load" in args.parts:
-        hot_load(base, args.counts, 20, args.peft_counts)
+        hot_load(base, args.counts, args.samples, [] if args.no_peft else args.peft_counts)
 
 
 if __name__ == "__main__":

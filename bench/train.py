@@ -31,10 +31,11 @@ from transformers import AutoModel, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fortunes import make_split
+from models import encoder_path
 
 from loradock.adapters import tasks
 from loradock.adapters.artifacts.files import build_files
-from loradock.adapters.core.base import BaseModel, default_base_model_path
+from loradock.adapters.core.base import BaseModel
 from loradock.adapters.tasks.metrics import classification_metrics
 from loradock.adapters.training import encoding
 from loradock.adapters.training.data import validate_rows
@@ -57,6 +58,7 @@ def run_loradock(base: BaseModel, train_rows, val_rows, seed: int, extra: dict) 
         callbacks=TrainCallbacks(on_event=lambda e: e["type"] == "epoch" and epochs.append(e)),
     )
     assert out.status == "succeeded", out.error
+    t_files = time.perf_counter()
     build_files(
         base=base,
         task=out.task,
@@ -66,7 +68,15 @@ def run_loradock(base: BaseModel, train_rows, val_rows, seed: int, extra: dict) 
         profile_texts=out.reference_texts,
     )
     seconds = time.perf_counter() - t0
+    timings = out.report.get("timings", {})
+    phases = {
+        "embed": timings.get("embed_seconds"),
+        "probe": out.baseline.get("seconds"),
+        "epochs": round(sum(e.get("seconds", 0.0) for e in epochs), 1),
+        "files": round(time.perf_counter() - t_files, 1),
+    }
     return {
+        "phases": phases,
         "seconds": round(seconds, 1),
         "lora_f1": out.metrics["val_macro_f1"],
         "probe_f1": out.baseline["val_macro_f1"],
@@ -175,12 +185,16 @@ def main() -> None:
         "--no-cache", action="store_true", help="disable the frozen-block cache (to measure it)"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--dtype", default="auto", help="the base's dtype: auto (the service default), float32, ..."
+    )
     args = p.parse_args()
     extra = dict(args.hp)
     if args.no_cache:
         encoding.CACHE_BUDGET_BYTES = 0
-    model_dir = default_base_model_path()
-    base = BaseModel.load(model_dir, device="auto")
+    model_dir = encoder_path()
+    base = BaseModel.load(model_dir, device="auto", dtype=args.dtype)
+    print(f"base dtype {base.dtype}", flush=True)
     base.warm_up()
     results = {"loradock": {}, "plain": None}
     for seed in args.seeds:
@@ -193,6 +207,7 @@ def main() -> None:
             f"{r['best_epoch']}/{r['epochs_run']} ({r['stop_reason']})",
             flush=True,
         )
+        print(f"    phases (s): {r['phases']}")
         for h in r["history"]:
             print(f"    epoch {h[0]}: train {h[1]:.4f}  val {h[2]:.4f}  F1 {h[3]:.4f}")
     padding_report(base, make_split(seed=args.seeds[0])[0], extra.get("batch_size", 16))

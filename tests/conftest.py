@@ -66,9 +66,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
+    # `bench/gpu.sh --dry-run` (LORADOCK_TEST_DEVICE=cpu) runs the GPU tests that take their
+    # device from that variable, `gpu(dry_run=True)`, on the CPU to show they would run.
+    dry_run = os.environ.get("LORADOCK_TEST_DEVICE") == "cpu"
     skip = pytest.mark.skip(reason="needs CUDA; this machine has no GPU")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None and not (dry_run and marker.kwargs.get("dry_run")):
             item.add_marker(skip)
 
 
