@@ -59,6 +59,7 @@ from loradock.adapters.training.trainer import (
     TrainCallbacks,
     TrainOutcome,
     check_divergence,
+    lora_param_groups,
     lora_spec,
     warmup_then_linear_decay,
 )
@@ -336,7 +337,10 @@ class SFTTrainer:
         weights = lora.LoRAWeights(spec, shapes, device=self.device, generator=gen)
         weights.seed_dropout(hp.seed)
         params = list(weights.parameters())
-        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(
+            lora_param_groups(weights, hp, hp.b_learning_rate_ratio_for(self.base.kind)),
+            weight_decay=hp.weight_decay,
+        )
         accumulate = hp.gradient_accumulation_steps
         batches_per_epoch = math.ceil(len(tr) / hp.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)

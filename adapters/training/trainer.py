@@ -113,6 +113,17 @@ def check_divergence(value: float, first: float | None, recent: list[float]) -> 
             )
 
 
+def lora_param_groups(
+    weights: lora.LoRAWeights, hp: Hyperparameters, b_ratio: float
+) -> list[dict[str, Any]]:
+    """AdamW groups: the A matrices at `learning_rate`, the B matrices at `b_ratio` times it (LoRA+,
+    Hayou et al. 2024: B, which starts at zero, learns features faster at a higher rate)."""
+    return [
+        {"params": list(weights.A), "lr": hp.learning_rate},
+        {"params": list(weights.B), "lr": hp.learning_rate * b_ratio},
+    ]
+
+
 def warmup_then_linear_decay(
     opt: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -293,8 +304,11 @@ class Trainer:
             }  # fmt: skip
         else:
             init_head = fit_linear(x_tr, y_tr, task, l2=hp.init_head_l2, class_weight=class_weight)
+            # LoRA starts at B = 0, i.e. at the frozen base: its first validation outputs are the
+            # starting head on the embeddings already computed (no forward pass needed).
+            start = init_head(torch.stack([emb[e.text] for e in va])).float() if va else None
             res = self._train_lora(
-                tr, va, hp, init_head, out, cb, class_weight, fixed_epochs, tag or {}
+                tr, va, hp, init_head, out, cb, class_weight, fixed_epochs, tag or {}, start
             )
         res["baseline"] = baseline
         res["probe_head"] = probe_head
@@ -313,6 +327,7 @@ class Trainer:
         class_weight: torch.Tensor | None,
         fixed_epochs: int | None,
         tag: dict[str, Any],
+        start_outputs: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         self._smoothing = hp.label_smoothing
         spec, names = self._spec(hp)
@@ -341,9 +356,10 @@ class Trainer:
         lora_params = list(weights.parameters())
         opt = torch.optim.AdamW(
             [
-                {"params": lora_params, "lr": hp.learning_rate, "weight_decay": hp.weight_decay},
-                {"params": list(head.parameters()), "lr": head_lr, "weight_decay": hp.weight_decay},
-            ]
+                *lora_param_groups(weights, hp, hp.b_learning_rate_ratio_for(self.base.kind)),
+                {"params": list(head.parameters()), "lr": head_lr},
+            ],
+            weight_decay=hp.weight_decay,
         )
 
         sched = warmup_then_linear_decay(opt, total_steps, hp.warmup_ratio)
@@ -353,7 +369,10 @@ class Trainer:
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None, "metrics": None}
         if va:
-            start_metrics, start_outputs = self._evaluate(weights, head, va, va_ids, out)
+            if start_outputs is not None:
+                start_metrics = out.task.metrics(start_outputs, va)
+            else:
+                start_metrics, start_outputs = self._evaluate(weights, head, va, va_ids, out)
             best.update(loss=start_metrics["loss"], metrics=start_metrics, outputs=start_outputs)
             best["state"] = self._snapshot(weights, head)
         bad_evals = 0
@@ -367,7 +386,8 @@ class Trainer:
             weights.train()
             t_epoch = time.perf_counter()
             losses = []
-            for batch in self.encoder.batches(ids, hp.batch_size, rng):
+            batches = self.encoder.batches(ids, hp.batch_size, rng)
+            for i_batch, batch in enumerate(batches):
                 if cb.should_cancel():
                     raise Cancelled()
                 self.gate.yield_to_serving()
@@ -388,7 +408,15 @@ class Trainer:
                     {"type": "progress", "epoch": epoch, "epochs": epochs, "step": step,
                      "steps": total_steps, "loss": round(value, 5), **tag}
                 )  # fmt: skip
-                if va and hp.eval_every_steps and step % hp.eval_every_steps == 0:
+                # (not at the epoch's last step: the end-of-epoch validation comes right after,
+                # and the same weights evaluated twice would count once more against patience)
+                last_of_epoch = i_batch == len(batches) - 1
+                if (
+                    va
+                    and hp.eval_every_steps
+                    and step % hp.eval_every_steps == 0
+                    and not last_of_epoch
+                ):
                     stop, bad_evals = self._validate(
                         weights, head, va, va_ids, out, hp, history, best, bad_evals,
                         epoch, step, statistics.fmean(losses), cb, tag, partial=True,

@@ -5,10 +5,17 @@ import pytest
 import torch
 
 from loradock.adapters import tasks
+from loradock.adapters.core import lora
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.scheduling import PriorityGate
 from loradock.adapters.training.data import validate_rows
-from loradock.adapters.training.trainer import Hyperparameters, TrainCallbacks, Trainer
+from loradock.adapters.training.hyperparameters import B_RATIO_DEFAULT
+from loradock.adapters.training.trainer import (
+    Hyperparameters,
+    TrainCallbacks,
+    Trainer,
+    lora_param_groups,
+)
 from tests.datasets import keyword_rows, regression_rows
 
 # Tiny random models learn slowly: a high learning rate keeps these tests short.
@@ -278,8 +285,14 @@ def test_validation_every_n_steps_counts_for_early_stopping(base):
     out = Trainer(base).run(dataset(keyword_rows(20)), hp)
     partial = [h for h in out.history if h.get("partial")]
     steps_per_epoch = 6  # 48 training rows / batch 8
-    assert [h["step"] for h in partial] == list(range(2, 2 * steps_per_epoch + 1, 2))
+    # every 2 steps, except where an epoch ends: its own validation comes then (the same
+    # weights evaluated twice would count twice against patience)
+    ends = {steps_per_epoch, 2 * steps_per_epoch}
+    assert [h["step"] for h in partial] == [
+        s for s in range(2, 2 * steps_per_epoch + 1, 2) if s not in ends
+    ]
     assert len(out.history) == len(partial) + 2  # plus one record per epoch
+    assert len({h["step"] for h in out.history}) == len(out.history)
 
 
 def test_early_stopping_shrinks_the_generalization_gap_and_says_what_it_restored(base):
@@ -301,3 +314,41 @@ def test_early_stopping_shrinks_the_generalization_gap_and_says_what_it_restored
     assert on.metrics["best_epoch"] < on.metrics["epochs_run"]
     assert off.metrics["generalization_gap"] > 0.5  # train loss far below validation loss
     assert on.metrics["generalization_gap"] < off.metrics["generalization_gap"] / 4
+
+
+def test_lora_plus_moves_b_at_its_multiple_of_the_learning_rate():
+    """Adam's first step moves every element that has a gradient by about the learning rate: A at
+    `learning_rate`, B at `b_learning_rate_ratio` times it."""
+    spec = lora.LoRASpec(4, 8.0, 0.0, ("q",), None)
+    w = lora.LoRAWeights(spec, {"l0.q": (6, 5), "l1.q": (6, 5)}, generator=torch.Generator())
+    with torch.no_grad():
+        for b in w.B:
+            b.normal_(0, 0.1)  # so that A gets gradients too
+    before = [p.detach().clone() for p in w.parameters()]
+    x = torch.randn(3, 6)
+    loss = sum(((x @ a.t()) @ b.t()).pow(2).sum() for a, b in zip(w.A, w.B, strict=True))
+    hp = Hyperparameters(learning_rate=1e-3)
+    opt = torch.optim.AdamW(lora_param_groups(w, hp, 4.0), weight_decay=0.0)
+    loss.backward()
+    opt.step()
+    for (name, p), b in zip(w.named_parameters(), before, strict=True):
+        step = (p.detach() - b).abs().max().item()
+        assert step == pytest.approx(4e-3 if name.startswith("B") else 1e-3, rel=1e-3), name
+
+
+def test_the_lora_plus_ratio_defaults_per_kind_and_changes_training(base):
+    hp = Hyperparameters()
+    assert hp.b_learning_rate_ratio_for("encoder") == B_RATIO_DEFAULT["encoder"]
+    assert hp.b_learning_rate_ratio_for("causal_lm") == B_RATIO_DEFAULT["causal_lm"]
+    assert Hyperparameters(b_learning_rate_ratio=2).b_learning_rate_ratio_for("causal_lm") == 2
+    runs = [
+        Trainer(base).run(
+            dataset(keyword_rows(20)),
+            Hyperparameters(
+                epochs=2, early_stopping=False, serve="lora", b_learning_rate_ratio=r, **FAST
+            ),
+        )
+        for r in (1.0, 8.0)
+    ]
+    norms = [sum(float(b.norm()) for b in out.weights.B) for out in runs]
+    assert norms[1] > 2 * norms[0]  # B moved much further at 8x its learning rate
