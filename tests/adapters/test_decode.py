@@ -168,6 +168,31 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(llama, pool):
         assert len(during) >= len(long_ids) // 4 - 1
 
 
+@pytest.mark.parametrize(("idle", "passes"), [(None, 1), (1, 4)])
+def test_an_idle_engine_prefills_prompts_that_arrive_together_in_bigger_passes(
+    llama, pool, idle, passes
+):
+    """The prefill chunk bounds the stall of running streams; with none running, up to
+    `idle_prefill_tokens` (default 4 chunks) go in one pass. Same tokens either way."""
+    prompts = [prompt(llama, i, n=6) for i in range(4)]
+    width = max(len(p) for p in prompts)
+    engine = GenerationEngine(llama, pool, prefill_chunk=width,
+                              idle_prefill_tokens=idle and width)  # fmt: skip
+    params = SamplingParams(max_tokens=5, temperature=0)
+    sinks, seqs = [], []
+    for i, ids in enumerate(prompts):
+        c = Collector()
+        seqs.append(Sequence(ids, params, slot=i % 3, sink=c, on_done=c.release))
+        engine.prepare(seqs[-1])
+        sinks.append(c)
+    engine.submit(seqs)  # together, before the engine thread starts
+    for i, (ids, c) in enumerate(zip(prompts, sinks, strict=True)):
+        assert isinstance(c.final, Finished)
+        assert c.token_ids == alone(llama, pool, ids, params, i % 3).token_ids
+    assert engine.prefill_passes == passes
+    engine.close()
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(llama, pool):
     ids = prompt(llama, 5)
     p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=11)
@@ -299,7 +324,7 @@ def test_the_prompt_embedding_is_the_one_the_reference_profile_computes(llama, p
     assert profile["output_length_histogram"][0] == 2  # two-token answers
     assert profile["rows"] == 2
     for chunk in (64, 3):  # one prefill pass; and chunks of 3 tokens
-        engine = GenerationEngine(llama, pool, prefill_chunk=chunk)
+        engine = GenerationEngine(llama, pool, prefill_chunk=chunk, idle_prefill_tokens=chunk)
         got = run(engine, [row_prompt(llama, r)[0] for r in rows],
                   [SamplingParams(max_tokens=2, temperature=0)] * 2, [2, 2])  # fmt: skip
         live = torch.stack([c.final.prompt_embedding for c in got])
