@@ -79,6 +79,10 @@ def install(backbone: nn.Module, names: Sequence[str]) -> list[str]:
 
     Returns the names newly wrapped. Without an active context the outputs are bit-identical.
     """
+    names = list(names)
+    done: set[str] = backbone.__dict__.setdefault("_loradock_wrapped", set())
+    if done.issuperset(names):  # every hot load asks again: answer without walking the modules
+        return []
     wrapped = []
     for name in names:
         module = backbone.get_submodule(name)
@@ -92,6 +96,7 @@ def install(backbone: nn.Module, names: Sequence[str]) -> list[str]:
         wrapper.train(module.training)  # a frozen eval-mode backbone stays in eval mode
         setattr(parent, child, wrapper)
         wrapped.append(name)
+    done.update(names)
     return wrapped
 
 
@@ -152,7 +157,10 @@ class LoRAWeights(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        init: bool = True,
     ) -> None:
+        """`init=False` leaves A uninitialized (B is still zero): for callers that copy
+        weights in right away, such as `from_peft` on every hot load."""
         super().__init__()
         self.spec = spec
         self.names = sorted(shapes)
@@ -164,11 +172,12 @@ class LoRAWeights(nn.Module):
             a = torch.empty(spec.rank, d_in, device=device, dtype=dtype)
             # peft's default init: A kaiming-uniform, B zero, so training starts at the base model.
             bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
-            with torch.no_grad():
-                if generator is not None:
-                    a.uniform_(-bound, bound, generator=generator)
-                else:
-                    a.uniform_(-bound, bound)
+            if init:
+                with torch.no_grad():
+                    if generator is not None:
+                        a.uniform_(-bound, bound, generator=generator)
+                    else:
+                        a.uniform_(-bound, bound)
             self.A.append(nn.Parameter(a))
             self.B.append(nn.Parameter(torch.zeros(d_out, spec.rank, device=device, dtype=dtype)))
         # Dropout masks come from an own generator: seeded runs repeat exactly, and training in one
@@ -276,7 +285,7 @@ class LoRAWeights(nn.Module):
                         f"LoRA rank of {name} is {t.shape[0]}, adapter config says {spec.rank}"
                     )
                 shapes[name] = (int(t.shape[1]), int(b.shape[0]))
-        weights = cls(spec, shapes, device=device, dtype=dtype)
+        weights = cls(spec, shapes, device=device, dtype=dtype, init=False)
         with torch.no_grad():
             for i, name in enumerate(weights.names):
                 weights.A[i].copy_(tensors[f"{head}{name}.lora_A.weight"])
