@@ -444,3 +444,32 @@ def test_readme_values_examples_render():
         for doc in docs:
             if doc["kind"] != "ServiceMonitor":
                 kubernetes_validate.validate(doc, kube_versions()[-1], strict=True)
+
+
+# --- torch threads from the CPU request --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpu", "threads"),
+    [("1", "1"), ("500m", "1"), ("1500m", "2"), (2, "2"), (2.5, "3"), ("4", "4"), ("100m", "1")],
+)
+def test_threads_follow_the_cpu_request_rounded_up(cpu, threads):
+    values = load_values("cpu")
+    values["resources"] = {"requests": {"cpu": cpu, "memory": "2Gi"}}
+    assert env_of(render(values))["LORADOCK_THREADS"]["value"] == threads
+
+
+def test_an_explicit_threads_setting_wins_and_no_request_sets_none():
+    values = load_values("cpu")
+    values["resources"] = {"requests": {"cpu": "8"}}
+    values.setdefault("config", {})["threads"] = 3
+    assert env_of(render(values))["LORADOCK_THREADS"]["value"] == "3"
+    # no CPU request (null removes the chart's default): the process decides
+    values["resources"] = {"requests": {"cpu": None}}
+    del values["config"]["threads"]
+    assert "LORADOCK_THREADS" not in env_of(render(values))
+
+
+def test_the_default_values_run_one_thread_per_requested_cpu():
+    env = env_of(render({}))
+    assert env["LORADOCK_THREADS"]["value"] == "1"  # values.yaml requests cpu "1"
