@@ -26,6 +26,7 @@ from loradock.service.api import (
     predict,
     tenants,
 )
+from loradock.service.api.docs import install_docs
 from loradock.service.batcher import MicroBatcher
 from loradock.service.dataplane import DataPlane, LiveVersions
 from loradock.service.errors import UnhandledErrorMiddleware, install_error_handlers
@@ -135,6 +136,8 @@ def create_app(
         version=version("loradock"),
         summary="One frozen base transformer, many per-customer LoRA adapters.",
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_docs
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.settings = settings
@@ -150,6 +153,7 @@ def create_app(
     app.include_router(batch.router)
     app.include_router(oip.router)
     app.include_router(monitoring.router)
+    install_docs(app)
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(UnhandledErrorMiddleware)
