@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from realsets import CACHE  # the one place that reads LORADOCK_BENCH_CACHE
+
 from loradock.adapters.core.base import default_base_model_path
 from loradock.adapters.core.presets import PRESETS, ResolvedBase, resolve_base_model
 
-CACHE = Path(os.environ.get("LORADOCK_BENCH_CACHE", Path.home() / ".cache" / "loradock-bench"))
 CAUSAL_LM = "smollm2-135m-instruct"
 
 

@@ -112,18 +112,30 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int, distinct: int | No
     t_ours = median_seconds(ours_forward, runs)
     t_engine = median_seconds(ours_engine, runs)
     tokens = int(batch["attention_mask"].sum())
-    if not peft:
-        print(f"mixed batch on {base.device}/{base.dtype}: {n} rows, {k} distinct adapters, "
-              f"{tokens} tokens, median of {runs} runs")  # fmt: skip
-        for label, t in [("bare base forward (baseline)", t_bare),
-                         ("loradock batched LoRA forward", t_ours),
-                         ("bare base embed (tokenize + forward + pool)", t_bare_embed),
-                         ("loradock engine.run (tokenize, fwd, heads)", t_engine)]:  # fmt: skip
-            print(f"  {label:44s} {t * 1000:8.1f} ms  throughput ratio vs base {t_bare / t:.3f}")
-        print(f"  engine.run vs bare embed (both tokenize and pool): {t_bare_embed / t_engine:.3f}")
-        return
+    rows = [
+        ("bare base forward (baseline)", t_bare),
+        ("loradock batched LoRA forward", t_ours),
+        ("bare base embed (tokenize + forward + pool)", t_bare_embed),
+        ("loradock engine.run (tokenize, fwd, heads)", t_engine),
+    ]
+    note = ""
+    if peft:
+        t_peft, t_loop, diff, effect = peft_times(base, weights, pool, residents, batch, runs)
+        rows += [("peft adapter_names= mixed batch", t_peft),
+                 ("peft set_adapter loop, row by row", t_loop)]  # fmt: skip
+        note = f" (max |peft - loradock| = {diff:.2e}; max |adapted - bare| = {effect:.2e})"
+    print(f"mixed batch on {base.device}/{base.dtype}: {n} rows, {k} distinct adapters, "
+          f"{tokens} tokens, median of {runs} runs{note}")  # fmt: skip
+    for label, t in rows:
+        print(f"  {label:44s} {t * 1000:8.1f} ms  throughput ratio vs base {t_bare / t:.3f}")
+    print(f"  engine.run vs bare embed (both tokenize and pool): {t_bare_embed / t_engine:.3f}")
 
-    # peft: the same 32 adapters in one PeftModel on a separate copy of the base
+
+def peft_times(base, weights, pool, residents, batch, runs) -> tuple[float, float, float, float]:
+    """peft with the same adapters in one PeftModel on a separate copy of the base: seconds of its
+    mixed batch (`adapter_names=`) and of a `set_adapter` loop row by row; and max |peft -
+    loradock| and max |adapted - bare| over the batch's hidden states."""
+    n, k = len(residents), len(weights)
     ref = BaseModel.load(base.path, device=str(base.device))
     cfg = weights[0].peft_config(str(base.path))
     config = LoraConfig(r=8, lora_alpha=16, target_modules=cfg["target_modules"], lora_dropout=0.0)
@@ -150,7 +162,7 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int, distinct: int | No
 
     t_peft = median_seconds(peft_mixed, runs)
     t_loop = median_seconds(peft_loop, max(3, runs // 4))
-    # correctness of the comparison: row 3 with adapter a3 agrees between peft and loradock
+    # correctness of the comparison: every row agrees between peft and loradock
     with torch.inference_mode():
         theirs = model(**batch, adapter_names=names).last_hidden_state
         with lora.active(BatchedLoRA(pool, [r.slot for r in residents])):
@@ -158,18 +170,7 @@ def mixed_batch(base: BaseModel, texts: list[str], runs: int, distinct: int | No
         plain = base.hidden_states(batch["input_ids"], batch["attention_mask"])
     diff = (theirs - mine).abs().max().item()
     effect = (theirs - plain).abs().max().item()
-    print(f"mixed batch: {n} rows, {k} distinct adapters, {tokens} tokens, median of {runs} runs "
-          f"(max |peft - loradock| = {diff:.2e}; max |adapted - bare| = {effect:.2e})")  # fmt: skip
-    for label, t in [
-        ("bare base forward (baseline)", t_bare),
-        ("loradock batched LoRA forward", t_ours),
-        ("bare base embed (tokenize + forward + pool)", t_bare_embed),
-        ("loradock engine.run (tokenize, fwd, heads)", t_engine),
-        ("peft adapter_names= mixed batch", t_peft),
-        ("peft set_adapter loop, row by row", t_loop),
-    ]:
-        print(f"  {label:44s} {t * 1000:8.1f} ms  throughput ratio vs base {t_bare / t:.3f}")
-    print(f"  engine.run vs bare embed (both tokenize and pool): {t_bare_embed / t_engine:.3f}")
+    return t_peft, t_loop, diff, effect
 
 
 def hot_load(base: BaseModel, counts: list[int], samples: int, peft_counts: list[int]) -> None:

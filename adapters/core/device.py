@@ -65,8 +65,8 @@ def resolve_dtype(requested: str, device: torch.device, kind: str = "encoder") -
     `auto` on GPUs: bfloat16 where supported, else float16. On the CPU: bfloat16 for an encoder
     base where the CPU runs bf16 natively (measured on three real sets: 99.6-100% of
     predictions equal to float32's, held-out macro-F1 within 0.5 points, 1.8-2.2x the served
-    rows/s; bench/README.md), else float32. A causal LM stays float32 on the CPU until bf16
-    decoding is measured the same way.
+    rows/s; bench/README.md), else float32. A causal LM stays float32 on the CPU: bf16 decoding
+    agreed with float32 on 98.4% of next tokens and was slower with adapters (bench/README.md).
     """
     if requested == "auto":
         if device.type == "cuda":
