@@ -32,6 +32,7 @@ from loradock.service.dataplane import DataPlane, LiveVersions
 from loradock.service.errors import UnhandledErrorMiddleware, install_error_handlers
 from loradock.service.metrics import GenerationMetrics, HTTPMetricsMiddleware, Metrics
 from loradock.service.middleware import OverloadShedMiddleware, RequestBodyGuard
+from loradock.service.observability import RequestContext
 from loradock.service.runtime import Phase, Runtime
 from loradock.service.settings import Settings
 
@@ -138,6 +139,16 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,  # served offline by install_docs
         redoc_url=None,
+        # FastAPI's native OpenTelemetry spans (inactive until LORADOCK_TRACING installs a
+        # tracer provider); metrics are Prometheus's, and probes would only add noise.
+        telemetry={
+            "tracing": True,
+            "operation_spans": True,
+            "metrics": False,
+            "logs": False,
+            "auto_configure": False,
+            "exclude": lambda scope: scope.get("path") in ("/healthz", "/readyz", "/metrics"),
+        },
     )
     app.state.runtime = runtime
     app.state.settings = settings
@@ -170,6 +181,8 @@ def create_app(
         metrics=runtime.metrics,
     )
     app.add_middleware(HTTPMetricsMiddleware, metrics=runtime.metrics)
+    # Outermost: the request id and span cover everything, refusals at the door included.
+    app.add_middleware(RequestContext, access=lambda: settings.access_log)
     return app
 
 

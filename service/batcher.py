@@ -28,10 +28,14 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
+from loradock.adapters.core.tracing import tracer
 from loradock.adapters.serving.engine import Engine, RowResult
 from loradock.adapters.serving.slots import Resident
 from loradock.service.errors import NotReady, TooManyRequests
 from loradock.service.metrics import Metrics
+from loradock.service.observability import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ class _Pending:
     ids: list[list[int]]
     future: asyncio.Future[list[RowResult]]
     enqueued: float = field(default_factory=time.perf_counter)
+    # Who asked (captured in the request's task): the batch's log line and span name them.
+    request_id: str | None = field(default_factory=current_request_id)
+    trace_context: trace.SpanContext = field(
+        default_factory=lambda: trace.get_current_span().get_span_context()
+    )
     order: list[int] = field(init=False)  # row indices, shortest first
     next: int = 0  # rows of `order` already taken into a pass
     answered: int = 0
@@ -294,14 +303,29 @@ class MicroBatcher:
         started = time.perf_counter()
         residents = [p.resident for p, _ in batch]
         ids = [p.ids[i] for p, i in batch]
-        try:
-            out = await asyncio.to_thread(self.engine.run_encoded, residents, ids)
-        except Exception as e:
-            await self._isolate(batch, e)
-        else:
-            for (p, i), r in zip(batch, out, strict=True):
-                self._answer(p, i, r)
+        requests = list(dict.fromkeys(p for p, _ in batch))
+        adapters = len({id(r) for r in residents})
+        with tracer.start_as_current_span(
+            "loradock.batch",
+            links=[trace.Link(p.trace_context) for p in requests],
+            attributes={"loradock.rows": len(batch), "loradock.adapters": adapters},
+        ):
+            try:
+                out = await asyncio.to_thread(self.engine.run_encoded, residents, ids)
+            except Exception as e:
+                await self._isolate(batch, e)
+            else:
+                for (p, i), r in zip(batch, out, strict=True):
+                    self._answer(p, i, r)
         seconds = time.perf_counter() - started
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch of %d rows for %d requests and %d adapters in %.1f ms",
+                len(batch), len(requests), adapters, seconds * 1000,
+                extra={"rows": len(batch), "adapters": adapters,
+                       "request_ids": [p.request_id for p in requests],
+                       "duration_ms": round(seconds * 1000, 2)},
+            )  # fmt: skip
         if self.metrics is not None:
             self.metrics.inference_seconds.observe(seconds)
             self.metrics.batch_rows.observe(len(batch))

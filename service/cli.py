@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.config
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
@@ -141,9 +142,10 @@ def preflight(settings: Settings) -> None:
     resolve_dtype(settings.dtype, resolve_device(settings.device))
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, stop_tracing: Callable[[], None] | None = None) -> int:
     from loradock.service.app import create_app
     from loradock.service.http import guarded_protocol
+    from loradock.service.observability import logging_config
 
     fatal: list[BaseException] = []
     server: DrainingServer | None = None
@@ -159,6 +161,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=logging_config(settings.log_level, settings.log_format),
+        access_log=False,  # the access line is RequestContext's (it knows the request id)
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         lifespan="on",
         http=guarded_protocol(settings.header_timeout_seconds),
@@ -169,7 +173,11 @@ def serve(settings: Settings) -> int:
     )
     server = DrainingServer(config, app.state.runtime, settings.drain_seconds)
     log.info("settings: %s", settings.public())
-    server.run()
+    try:
+        server.run()
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()  # flushes the spans still queued
     if fatal:
         print(f"loradock: start-up failed: {fatal[0]}", file=sys.stderr)
         return EXIT_START
@@ -212,21 +220,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"loradock: invalid settings: {problems}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from loradock.service.observability import logging_config
+
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     if args.command == "serve":
         from loradock.adapters.core.base import BaseModelError
         from loradock.adapters.core.device import DeviceError
         from loradock.adapters.core.presets import PresetError
+        from loradock.service.observability import TracingError, configure_tracing
 
         try:
             preflight(settings)
-        except (BaseModelError, DeviceError, PresetError) as e:
+            stop_tracing = configure_tracing(settings.tracing, settings.trace_sample_ratio)
+        except (BaseModelError, DeviceError, PresetError, TracingError) as e:
             print(f"loradock: {e}", file=sys.stderr)
             return EXIT_CONFIG
-        return serve(settings)
+        return serve(settings, stop_tracing)
     return EXIT_CONFIG  # pragma: no cover - argparse requires a command
 
 

@@ -218,6 +218,11 @@ class GenerationStream:
             self._early.append((index, event))
             if isinstance(event, Failed):
                 self._raise(event)
+        log.debug(
+            "%d generations admitted into the decode batch",
+            len(self.seqs),
+            extra={"choices": len(self.seqs), "prompt_tokens": self.prompt_tokens},
+        )
 
     @staticmethod
     def _raise(event: Failed) -> None:

@@ -19,6 +19,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loradock.service.observability import current_request_id
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -168,6 +170,9 @@ def error_response(
         "detail": detail,
         "instance": request.url.path,
     }
+    rid = current_request_id()
+    if rid is not None:
+        body["request_id"] = rid  # also in the X-Request-ID header: quote it when reporting
     body.update(extra or {})
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 

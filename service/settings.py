@@ -21,7 +21,32 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 = any free).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level of the server and access log."
+        "info",
+        description="Log level of the server and access log (debug adds a line per micro-batch "
+        "naming the request ids it served).",
+    )
+    log_format: Literal["json", "plain"] = Field(
+        "json",
+        description="json: one JSON object per line (time, level, logger, message, request_id "
+        "and the record's fields) for loradock and uvicorn alike; plain: text lines.",
+    )
+    access_log: bool = Field(
+        True,
+        description="Write an access line per request (logger loradock.access: method, path, "
+        "status, duration_ms, client, tenant_id, request_id).",
+    )
+    tracing: Literal["off", "otlp"] = Field(
+        "off",
+        description="otlp: export OpenTelemetry spans (request, micro-batch, forward pass, "
+        "training step) over OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT (needs the tracing extra, "
+        "in the image); off: no tracer is installed.",
+    )
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded when tracing is on (a caller's sampled "
+        "traceparent is always followed).",
     )
 
     header_timeout_seconds: float = Field(

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from opentelemetry import trace
 
 from loradock.adapters.core import lora
 from loradock.adapters.core.base import (
@@ -55,6 +56,7 @@ from loradock.adapters.core.base import (
     new_cache,
 )
 from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.core.tracing import tracer
 from loradock.adapters.serving.generation import (
     PromptTooLong,
     SamplingParams,
@@ -221,6 +223,8 @@ class Sequence:
         self.embedding: torch.Tensor | None = None  # the prompt's pooled hidden state
         self.enqueued = time.perf_counter()
         self.last_token_at: float | None = None
+        # The caller's span (its HTTP request), linked from the prefill pass that starts it.
+        self.trace_context = trace.get_current_span().get_span_context()
 
     def cancel(self) -> None:
         """The client went away: the engine drops the row at its next step (thread-safe)."""
@@ -485,9 +489,16 @@ class GenerationEngine:
         self._drop_cancelled()
         self._admit()
         if self._prefilling:
-            self._prefill_step()
+            links = [trace.Link(q.trace_context) for q in self._prefilling if q.prefilled == 0]
+            with tracer.start_as_current_span(
+                "loradock.prefill", links=links, attributes={"loradock.rows": len(self._prefilling)}
+            ):
+                self._prefill_step()
         if self._batch is not None:
-            self._decode_step()
+            with tracer.start_as_current_span(
+                "loradock.decode_step", attributes={"loradock.rows": self.running()}
+            ):
+                self._decode_step()
 
     def _report(self) -> None:
         if self.metrics is not None:
@@ -583,7 +594,7 @@ class GenerationEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, ctx: BatchedLoRA | None) -> Any:  # fmt: skip
-        with lora.active(ctx):
+        with tracer.start_as_current_span("loradock.forward"), lora.active(ctx):
             return self.lm(
                 input_ids=ids,
                 attention_mask=mask,

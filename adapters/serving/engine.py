@@ -18,6 +18,7 @@ from loradock.adapters.artifacts.store import ArtifactStore
 from loradock.adapters.core import lora
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.core.tracing import tracer
 from loradock.adapters.serving.slots import AdapterRef, BatchedLoRA, Resident, SlotPool
 from loradock.adapters.tasks.base import Task
 from loradock.adapters.tasks.probe import LinearHead
@@ -167,7 +168,11 @@ class Engine:
         if not ids:
             return []
         try:
-            return self._run(residents, ids)
+            with tracer.start_as_current_span(
+                "loradock.forward",
+                attributes={"loradock.rows": len(ids), "loradock.tokens": sum(map(len, ids))},
+            ):
+                return self._run(residents, ids)
         except torch.cuda.OutOfMemoryError as e:
             if self.base.device.type == "cuda":
                 torch.cuda.empty_cache()

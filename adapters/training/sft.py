@@ -49,6 +49,7 @@ from loradock.adapters.core.base import (
 )
 from loradock.adapters.core.device import cpu_has_native_bf16
 from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.core.tracing import tracer
 from loradock.adapters.tasks.generation import Generation
 from loradock.adapters.training.data import Dataset, Example, stratified_split
 from loradock.adapters.training.hyperparameters import Hyperparameters
@@ -389,19 +390,23 @@ class SFTTrainer:
             batches = self._batches(tr, hp.batch_size, rng)
             for g in range(0, len(batches), accumulate):
                 group = batches[g : g + accumulate]
-                n_targets = sum(tr[i].n_targets for b in group for i in b)
-                total = 0.0
-                for b in group:
-                    if cb.should_cancel():
-                        raise Cancelled()
-                    self.gate.yield_to_serving()
-                    loss_sum, _, _ = self._forward([tr[i] for i in b], weights, amp)
-                    (loss_sum / n_targets).backward()
-                    total += float(loss_sum.detach())
-                torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
+                with tracer.start_as_current_span(
+                    "loradock.train_step",
+                    attributes={"loradock.epoch": epoch, "loradock.step": step + 1},
+                ):
+                    n_targets = sum(tr[i].n_targets for b in group for i in b)
+                    total = 0.0
+                    for b in group:
+                        if cb.should_cancel():
+                            raise Cancelled()
+                        self.gate.yield_to_serving()
+                        loss_sum, _, _ = self._forward([tr[i] for i in b], weights, amp)
+                        (loss_sum / n_targets).backward()
+                        total += float(loss_sum.detach())
+                    torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
                 step += 1
                 value = total / n_targets
                 check_divergence(value, first, recent)

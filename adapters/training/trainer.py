@@ -29,6 +29,7 @@ import torch
 from loradock.adapters.core import lora
 from loradock.adapters.core.base import BaseModel
 from loradock.adapters.core.scheduling import PriorityGate
+from loradock.adapters.core.tracing import tracer
 from loradock.adapters.tasks.base import Task
 from loradock.adapters.tasks.probe import LinearHead, fit_linear
 from loradock.adapters.training.data import (
@@ -391,14 +392,18 @@ class Trainer:
                 if cb.should_cancel():
                     raise Cancelled()
                 self.gate.yield_to_serving()
-                loss = self._step(weights, head, ids, y_tr, batch, out, cw)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(
-                    lora_params + list(head.parameters()), hp.max_grad_norm
-                )
-                opt.step()
-                sched.step()
+                with tracer.start_as_current_span(
+                    "loradock.train_step",
+                    attributes={"loradock.epoch": epoch, "loradock.step": step + 1},
+                ):
+                    loss = self._step(weights, head, ids, y_tr, batch, out, cw)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(
+                        lora_params + list(head.parameters()), hp.max_grad_norm
+                    )
+                    opt.step()
+                    sched.step()
                 step += 1
                 value = float(loss.detach())
                 self._check_divergence(value, first_loss, recent)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -19,6 +20,7 @@ from loradock.adapters import tasks
 from loradock.adapters.artifacts.export import ExportError, export_files, zip_files
 from loradock.adapters.artifacts.files import ArtifactError, load_adapter
 from loradock.adapters.artifacts.store import MANIFEST, StoreError
+from loradock.service.api import pagination
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
 from loradock.service.api.schemas import (
     MAX_VERSION,
@@ -26,6 +28,7 @@ from loradock.service.api.schemas import (
     AdapterAndJob,
     AdapterList,
     AdapterOut,
+    AdapterSummary,
     JobOut,
     VersionOut,
     reserved_name_problem,
@@ -92,20 +95,28 @@ def version_out(ver: Version, live_version: int | None) -> VersionOut:
     )
 
 
-def adapter_out(s: Session, adapter: Adapter) -> AdapterOut:
-    versions = s.scalars(
-        select(Version).where(Version.adapter_id == adapter.id).order_by(Version.version)
-    ).all()
+def adapter_out(
+    s: Session, adapter: Adapter, versions: Sequence[Version] | None = None
+) -> AdapterOut:
+    if versions is None:
+        versions = s.scalars(
+            select(Version).where(Version.adapter_id == adapter.id).order_by(Version.version)
+        ).all()
     return AdapterOut(
-        id=adapter.id,
-        name=adapter.name,
-        task=adapter.task,
-        labels=adapter.labels or [],
-        live_version=adapter.live_version,
-        status=adapter.status,
-        created_at=adapter.created_at,
-        versions=[version_out(v, adapter.live_version) for v in versions],
+        **_fields(adapter), versions=[version_out(v, adapter.live_version) for v in versions]
     )
+
+
+def _fields(adapter: Adapter) -> dict[str, Any]:
+    return {
+        "id": adapter.id,
+        "name": adapter.name,
+        "task": adapter.task,
+        "labels": adapter.labels or [],
+        "live_version": adapter.live_version,
+        "status": adapter.status,
+        "created_at": adapter.created_at,
+    }
 
 
 def job_out(job: Job) -> JobOut:
@@ -239,14 +250,48 @@ async def import_adapter(
 
 
 @router.get("/adapters", response_model=AdapterList)
-def list_adapters(db: DatabaseDep, principal: Principal = ReadDep) -> AdapterList:
+def list_adapters(
+    db: DatabaseDep,
+    limit: pagination.Limit = pagination.DEFAULT_LIMIT,
+    cursor: pagination.CursorParam = None,
+    view: pagination.View = "full",
+    principal: Principal = ReadDep,
+) -> AdapterList:
+    """The tenant's adapters, oldest first, a page at a time (`next_cursor` leads on)."""
+    q = select(Adapter).where(Adapter.tenant_id == principal.tenant_id)
+    if cursor is not None:
+        key = pagination.decode("adapters", cursor)
+        q = q.where(pagination.after(Adapter.created_at, Adapter.id, key, newest_first=False))
     with db.session() as s:
-        rows = s.scalars(
-            select(Adapter)
-            .where(Adapter.tenant_id == principal.tenant_id)
-            .order_by(Adapter.created_at, Adapter.id)
-        ).all()
-        return AdapterList(adapters=[adapter_out(s, a) for a in rows])
+        rows = s.scalars(q.order_by(Adapter.created_at, Adapter.id).limit(limit + 1)).all()
+        more, rows = len(rows) > limit, rows[:limit]
+        by_adapter: dict[str, list[Version]] = {a.id: [] for a in rows}
+        for i in range(0, len(rows), 500):  # one query per 500 adapters, not one each
+            ids = [a.id for a in rows[i : i + 500]]
+            for v in s.scalars(
+                select(Version).where(Version.adapter_id.in_(ids)).order_by(Version.version)
+            ):
+                by_adapter[v.adapter_id].append(v)
+        items: list[AdapterOut] | list[AdapterSummary]
+        if view == "full":
+            items = [adapter_out(s, a, by_adapter[a.id]) for a in rows]
+        else:
+            items = [adapter_summary(a, by_adapter[a.id]) for a in rows]
+        last = rows[-1] if more else None
+        return AdapterList(
+            adapters=items,
+            next_cursor=pagination.encode("adapters", last.created_at, last.id) if last else None,
+        )
+
+
+def adapter_summary(adapter: Adapter, versions: Sequence[Version]) -> AdapterSummary:
+    live = next((v for v in versions if v.version == adapter.live_version), None)
+    return AdapterSummary(
+        **_fields(adapter),
+        version_count=len(versions),
+        latest_version=versions[-1].version if versions else None,
+        live_metrics=(live.metrics or {}) if live is not None else {},
+    )
 
 
 @router.get("/adapters/{adapter}", response_model=AdapterOut)

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 
+from loradock.service.api import pagination
 from loradock.service.api.adapters import job_out
 from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
-from loradock.service.api.schemas import JobList, JobOut
+from loradock.service.api.schemas import JobList, JobOut, JobSummary
 from loradock.service.db.models import ApiKey, Job
 from loradock.service.db.registry import Database
 from loradock.service.errors import Conflict
@@ -30,14 +31,31 @@ POLL_SECONDS = 0.5
 def list_jobs(
     db: DatabaseDep,
     adapter: str | None = Query(None, description="Only this adapter's jobs (id or name)."),
+    limit: pagination.Limit = pagination.DEFAULT_LIMIT,
+    cursor: pagination.CursorParam = None,
+    view: pagination.View = "full",
     principal: Principal = ReadDep,
 ) -> JobList:
+    """The tenant's jobs, newest first, a page at a time (`next_cursor` leads on)."""
     with db.session() as s:
         q = select(Job).where(Job.tenant_id == principal.tenant_id)
         if adapter is not None:
             q = q.where(Job.adapter_id == find_adapter(s, principal.tenant_id, adapter).id)
-        rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id)).all()
-        return JobList(jobs=[job_out(j) for j in rows])
+        if cursor is not None:
+            key = pagination.decode("jobs", cursor)
+            q = q.where(pagination.after(Job.created_at, Job.id, key, newest_first=True))
+        rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit + 1)).all()
+        more, rows = len(rows) > limit, rows[:limit]
+        jobs: list[JobOut] | list[JobSummary] = (
+            [job_out(j) for j in rows]
+            if view == "full"
+            else [JobSummary.model_validate(j, from_attributes=True) for j in rows]
+        )
+        last = rows[-1] if more else None
+        return JobList(
+            jobs=jobs,
+            next_cursor=pagination.encode("jobs", last.created_at, last.id) if last else None,
+        )
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -156,7 +156,9 @@ class VersionOut(BaseModel):
     created_at: datetime
 
 
-class AdapterOut(BaseModel):
+class AdapterFields(BaseModel):
+    """What both views of an adapter show."""
+
     id: str
     name: str
     task: str
@@ -164,21 +166,36 @@ class AdapterOut(BaseModel):
     live_version: int | None
     status: str
     created_at: datetime
+
+
+class AdapterOut(AdapterFields):
     versions: list[VersionOut]
 
 
+class AdapterSummary(AdapterFields):
+    """An adapter without its versions' histories and reports (`view=summary`)."""
+
+    version_count: int
+    latest_version: int | None
+    live_metrics: dict[str, Any] = Field(description="The live version's metrics ({} if none).")
+
+
 class AdapterList(BaseModel):
-    adapters: list[AdapterOut]
+    adapters: list[AdapterOut] | list[AdapterSummary]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job without its per-epoch history (`view=summary`)."""
+
     id: str
     kind: str = Field("train", description="train (a version) or predict (a batch job)")
     adapter_id: str
     version: int
     status: str
     progress: dict[str, Any]
-    history: list[dict[str, Any]]
     stop_reason: str | None
     error: str | None
     attempts: int
@@ -187,8 +204,15 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
+class JobOut(JobSummary):
+    history: list[dict[str, Any]]
+
+
 class JobList(BaseModel):
-    jobs: list[JobOut]
+    jobs: list[JobOut] | list[JobSummary]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class AdapterAndJob(BaseModel):

@@ -284,3 +284,37 @@ def test_epochs_tagged_by_the_server_are_labelled_by_their_fold(server, capsys):
         "-- final fit on every row --",
         "epoch 4  train_loss 0.5000",
     ]
+
+
+def summary(name: str, ident: str) -> dict:
+    return {
+        "id": ident, "name": name, "task": "classification", "labels": ["a", "b"],
+        "live_version": 2, "status": "ready", "created_at": samples.T0, "version_count": 2,
+        "latest_version": 2, "live_metrics": {"val_macro_f1": 0.8125},
+    }  # fmt: skip
+
+
+def test_lists_page_through_every_cursor(server, capsys):
+    server.on(
+        "GET",
+        "/v1/adapters",
+        Reply(200, {"adapters": [summary("one", "ad_1"), summary("two", "ad_2")],
+                    "next_cursor": "c1"}),
+        Reply(200, {"adapters": [summary("three", "ad_3")], "next_cursor": None}),
+    )  # fmt: skip
+    code, out, _ = run(server, capsys, "adapters", "list")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["one", "two", "three"]
+    assert "three  ad_3  classification  ready   2     2         0.8125" in out
+    first, second = server.hits("GET", "/v1/adapters")
+    assert "view=summary" in first.query
+    assert "cursor" not in first.query
+    assert "cursor=c1" in second.query
+    server.on("GET", "/v1/jobs", Reply(200, {"jobs": [samples.job()], "next_cursor": "j1"}),
+              Reply(200, {"jobs": [], "next_cursor": None}))  # fmt: skip
+    code, out, _ = run(server, capsys, "jobs", "list", "--full", "--json")
+    assert code == 0
+    assert [j["id"] for j in json.loads(out)] == ["job_1"]
+    first, second = server.hits("GET", "/v1/jobs")
+    assert "view=full" in first.query
+    assert "cursor=j1" in second.query

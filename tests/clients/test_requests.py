@@ -138,7 +138,9 @@ def test_read_calls_and_their_paths(server, client):
     report = client.adapters.monitoring("tickets")
     assert report.flags == ["drift"]
     assert report.model_extra == {"new": 1}
-    assert parse_qs(server.hits("GET", "/v1/jobs")[0].query) == {"adapter": ["tickets"]}
+    assert parse_qs(server.hits("GET", "/v1/jobs")[0].query) == {
+        "adapter": ["tickets"], "limit": ["100"], "view": ["full"]
+    }  # fmt: skip
 
 
 def test_predict_feedback_tenants_and_keys_bodies(server, client):

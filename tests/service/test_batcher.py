@@ -81,9 +81,11 @@ def test_a_small_request_of_another_tenant_joins_the_next_pass(engine):
     assert small_pass <= 1
     assert len(big_out) == 64
     assert len(small_out) == 1
-    # Row order is kept, and answers equal a direct run.
+    # Row order is kept, and answers equal a direct run (up to float rounding: the row was
+    # padded into a wider pass, which changes the matmul shapes, not the result).
     direct = engine.run_encoded([b], small_ids)[0].output
-    assert small_out[0].output == direct
+    assert small_out[0].output["label"] == direct["label"]
+    assert small_out[0].output["scores"] == pytest.approx(direct["scores"], rel=1e-4, abs=1e-6)
     assert batcher.queued_rows == 0
     assert batcher.queued_tokens == 0
 

@@ -30,6 +30,7 @@ from loradock_client.models import (
 )
 
 M = TypeVar("M", bound=BaseModel)
+PAGE_SIZE = 100  # items per list page (the server allows up to 1000)
 Rows = Sequence[Mapping[str, Any]]
 PathArg = str | os.PathLike[str]
 FeedbackItems = Sequence[Mapping[str, Any] | tuple[str, str | float]]
@@ -156,8 +157,21 @@ def training_call(
 # --- adapters and versions ------------------------------------------------------------------------
 
 
-def list_adapters() -> Call[list[Adapter]]:
-    return Call("GET", "/v1/adapters", many(Adapter, "adapters"))
+def page(cls: type[M], key: str) -> Callable[[httpx.Response], tuple[list[M], str | None]]:
+    """A list page: its items and the cursor of the next page (None on the last)."""
+
+    def parse(r: httpx.Response) -> tuple[list[M], str | None]:
+        body = r.json()
+        return [cls.model_validate(item) for item in body[key]], body.get("next_cursor")
+
+    return parse
+
+
+def list_adapters(
+    cursor: str | None = None, limit: int = PAGE_SIZE, view: str = "full"
+) -> Call[tuple[list[Adapter], str | None]]:
+    params = {"cursor": cursor, "limit": limit, "view": view}
+    return Call("GET", "/v1/adapters", page(Adapter, "adapters"), params=params)
 
 
 def get_adapter(adapter: str) -> Call[Adapter]:
@@ -269,8 +283,11 @@ def job_results(job_id: str) -> Call[httpx.Response]:
     return Call("GET", path, raw, extra_headers={"Accept": "application/x-ndjson"}, read_only=True)
 
 
-def list_jobs(adapter: str | None) -> Call[list[Job]]:
-    return Call("GET", "/v1/jobs", many(Job, "jobs"), params={"adapter": adapter})
+def list_jobs(
+    adapter: str | None, cursor: str | None = None, limit: int = PAGE_SIZE, view: str = "full"
+) -> Call[tuple[list[Job], str | None]]:
+    params = {"adapter": adapter, "cursor": cursor, "limit": limit, "view": view}
+    return Call("GET", "/v1/jobs", page(Job, "jobs"), params=params)
 
 
 def get_job(job_id: str) -> Call[Job]:

@@ -256,8 +256,22 @@ class AsyncAdapters(_AsyncResource):
         job = await self._client.jobs.watch(started.job.id, progress=progress, on_event=on_event)
         return finish_training(await self.get(started.adapter.id), job)
 
-    async def list(self) -> builtins.list[Adapter]:
-        return await self._client._call(_calls.list_adapters())
+    async def list(self, *, view: str = "full") -> builtins.list[Adapter]:
+        """Every adapter, oldest first (all pages); see Client.adapters.list."""
+        return [a async for a in self.iter(view=view)]
+
+    async def iter(
+        self, *, view: str = "full", page_size: int = _calls.PAGE_SIZE
+    ) -> AsyncGenerator[Adapter, None]:
+        """Adapters a page at a time, as they are needed."""
+        cursor: str | None = None
+        while True:
+            call = _calls.list_adapters(cursor, page_size, view)
+            items, cursor = await self._client._call(call)
+            for item in items:
+                yield item
+            if cursor is None:
+                return
 
     async def get(self, adapter: str) -> Adapter:
         return await self._client._call(_calls.get_adapter(adapter))
@@ -328,8 +342,22 @@ class AsyncJobs(_AsyncResource):
     async def get(self, job_id: str) -> Job:
         return await self._client._call(_calls.get_job(job_id))
 
-    async def list(self, adapter: str | None = None) -> builtins.list[Job]:
-        return await self._client._call(_calls.list_jobs(adapter))
+    async def list(self, adapter: str | None = None, *, view: str = "full") -> builtins.list[Job]:
+        """Every job (of one adapter when given), newest first (all pages)."""
+        return [j async for j in self.iter(adapter, view=view)]
+
+    async def iter(
+        self, adapter: str | None = None, *, view: str = "full", page_size: int = _calls.PAGE_SIZE
+    ) -> AsyncGenerator[Job, None]:
+        """Jobs a page at a time, as they are needed."""
+        cursor: str | None = None
+        while True:
+            call = _calls.list_jobs(adapter, cursor, page_size, view)
+            items, cursor = await self._client._call(call)
+            for item in items:
+                yield item
+            if cursor is None:
+                return
 
     async def cancel(self, job_id: str) -> Job:
         return await self._client._call(_calls.cancel_job(job_id))

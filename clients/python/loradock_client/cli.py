@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(ad, "retrain", cmd_adapters_retrain, "train the next version of an adapter")
     p.add_argument("adapter", help="id or name")
     _training_options(p)
-    leaf(ad, "list", cmd_adapters_list, "this tenant's adapters")
+    leaf(ad, "list", cmd_adapters_list, "this tenant's adapters (every page)").add_argument(
+        "--full", action="store_true", help="every version's history and report (larger)"
+    )
     leaf(ad, "show", cmd_adapters_show, "an adapter and its versions").add_argument("adapter")
     leaf(ad, "delete", cmd_adapters_delete, "delete an adapter").add_argument("adapter")
     p = leaf(ad, "download", cmd_adapters_download, "save a version as a zip")
@@ -150,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item", nargs=2, action="append", metavar=("TEXT", "LABEL"))
 
     jobs = group("jobs", "list, show, watch and cancel training jobs")
-    leaf(jobs, "list", cmd_jobs_list, "jobs, newest first").add_argument("--adapter")
+    p = leaf(jobs, "list", cmd_jobs_list, "jobs, newest first (every page)")
+    p.add_argument("--adapter")
+    p.add_argument("--full", action="store_true", help="with each job's per-epoch history")
     leaf(jobs, "show", cmd_jobs_show, "one job").add_argument("job")
     leaf(jobs, "watch", cmd_jobs_watch, "follow a job live until it ends").add_argument("job")
     leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued or running job").add_argument("job")

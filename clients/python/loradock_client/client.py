@@ -276,8 +276,19 @@ class Adapters(_Resource):
         job = self._client.jobs.watch(started.job.id, progress=progress, on_event=on_event)
         return finish_training(self.get(started.adapter.id), job)
 
-    def list(self) -> builtins.list[Adapter]:
-        return self._client._call(_calls.list_adapters())
+    def list(self, *, view: str = "full") -> builtins.list[Adapter]:
+        """Every adapter, oldest first (all pages). `view="summary"` leaves out the versions'
+        histories and reports (`version_count`, `latest_version`, `live_metrics` instead)."""
+        return builtins.list(self.iter(view=view))
+
+    def iter(self, *, view: str = "full", page_size: int = _calls.PAGE_SIZE) -> Iterator[Adapter]:
+        """Adapters a page at a time, as they are needed."""
+        cursor: str | None = None
+        while True:
+            items, cursor = self._client._call(_calls.list_adapters(cursor, page_size, view))
+            yield from items
+            if cursor is None:
+                return
 
     def get(self, adapter: str) -> Adapter:
         return self._client._call(_calls.get_adapter(adapter))
@@ -396,8 +407,21 @@ class Jobs(_Resource):
     def get(self, job_id: str) -> Job:
         return self._client._call(_calls.get_job(job_id))
 
-    def list(self, adapter: str | None = None) -> builtins.list[Job]:
-        return self._client._call(_calls.list_jobs(adapter))
+    def list(self, adapter: str | None = None, *, view: str = "full") -> builtins.list[Job]:
+        """Every job (of one adapter when given), newest first (all pages); `view="summary"`
+        leaves out the per-epoch histories."""
+        return builtins.list(self.iter(adapter, view=view))
+
+    def iter(
+        self, adapter: str | None = None, *, view: str = "full", page_size: int = _calls.PAGE_SIZE
+    ) -> Iterator[Job]:
+        """Jobs a page at a time, as they are needed."""
+        cursor: str | None = None
+        while True:
+            items, cursor = self._client._call(_calls.list_jobs(adapter, cursor, page_size, view))
+            yield from items
+            if cursor is None:
+                return
 
     def cancel(self, job_id: str) -> Job:
         return self._client._call(_calls.cancel_job(job_id))

@@ -262,7 +262,7 @@ def cmd_adapters_retrain(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_list(client: Client, args: argparse.Namespace) -> int:
-    adapters = client.adapters.list()
+    adapters = client.adapters.list(view="full" if args.full else "summary")
     emit(args, adapters, lambda: render.adapters_table(adapters) if adapters else "no adapters")
     return EXIT_OK
 
@@ -419,7 +419,7 @@ def cmd_feedback(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_list(client: Client, args: argparse.Namespace) -> int:
-    jobs = client.jobs.list(adapter=args.adapter)
+    jobs = client.jobs.list(adapter=args.adapter, view="full" if args.full else "summary")
     emit(args, jobs, lambda: render.jobs_table(jobs) if jobs else "no jobs")
     return EXIT_OK
 

@@ -106,6 +106,10 @@ class Adapter(Model):
     status: str
     created_at: datetime | None = None
     versions: list[Version] = Field(default_factory=list)
+    # The summary view (adapters.list(view="summary")) has these instead of `versions`.
+    version_count: int | None = None
+    latest_version: int | None = None
+    live_metrics: dict[str, Any] | None = None
 
     def version(self, number: int | None = None) -> Version | None:
         """Version `number`, or the live one when None (None when there is no such version)."""

@@ -116,17 +116,11 @@ def adapters_table(adapters: Sequence[Adapter]) -> str:
     rows = []
     for a in adapters:
         live = a.version()
-        rows.append(
-            [
-                a.name,
-                a.id,
-                a.task,
-                a.status,
-                str(a.live_version or "-"),
-                str(len(a.versions)),
-                live.metrics.val_macro_f1 if live else None,
-            ]
-        )
+        if a.version_count is not None:  # the summary view
+            count, f1 = a.version_count, (a.live_metrics or {}).get("val_macro_f1")
+        else:
+            count, f1 = len(a.versions), live.metrics.val_macro_f1 if live else None
+        rows.append([a.name, a.id, a.task, a.status, str(a.live_version or "-"), str(count), f1])
     return table(["name", "id", "task", "status", "live", "versions", "val_f1"], rows)
 
 
