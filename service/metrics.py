@@ -478,6 +478,10 @@ class StateCollector:
                 "loradock_adapter_live_accuracy_gap",
                 "Validation accuracy minus live accuracy (overfitting seen in production).",
                 labels=["adapter"]),
+            "feedback_items": GaugeMetricFamily(
+                "loradock_adapter_feedback_items",
+                "Labelled feedback items behind the live accuracy (alerts want enough of them).",
+                labels=["adapter"]),
         }  # fmt: skip
         with self.db.session() as s:
             rows = s.execute(
@@ -516,6 +520,7 @@ class StateCollector:
             if n:
                 acc = (correct or 0) / n
                 families["live_accuracy"].add_metric([adapter_id], acc)
+                families["feedback_items"].add_metric([adapter_id], n)
                 if served.get("val_accuracy") is not None:
                     families["live_gap"].add_metric([adapter_id], served["val_accuracy"] - acc)
         yield from families.values()

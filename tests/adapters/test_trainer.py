@@ -118,10 +118,10 @@ def test_small_datasets_use_cross_validation_then_train_on_everything(base):
 
 
 def test_regression_is_standardized_and_reported_in_label_units(base):
-    out = Trainer(base).run(
-        dataset(regression_rows(80), "regression"), Hyperparameters(epochs=3, **FAST)
-    )
-    assert out.status == "succeeded"
+    # A lower rate than FAST: 0.05 diverges on some random tiny models (LoRA+ moves B at 4x).
+    hp = Hyperparameters(epochs=3, **{**FAST, "learning_rate": 0.02})
+    out = Trainer(base).run(dataset(regression_rows(80), "regression"), hp)
+    assert out.status == "succeeded", out.error
     assert out.task.std > 0.5
     assert out.task.mean == pytest.approx(2.5, abs=0.6)
     assert {"val_mse", "val_mae", "val_r2"} <= set(out.metrics)
@@ -297,7 +297,10 @@ def test_validation_every_n_steps_counts_for_early_stopping(base):
 
 def test_early_stopping_shrinks_the_generalization_gap_and_says_what_it_restored(base):
     """Overfitting made visible: tiny data, many epochs, a high learning rate."""
-    common = {"epochs": 25, "learning_rate": 0.05, "batch_size": 4, "patience": 3}
+    # B at the same rate as A: at this high rate, LoRA+'s 4x on B makes the fit jump around
+    # instead of memorising the 12 rows, and memorising them is what this test needs to see.
+    common = {"epochs": 25, "learning_rate": 0.05, "batch_size": 4, "patience": 3,
+              "b_learning_rate_ratio": 1}  # fmt: skip
     val = dataset(keyword_rows(6, seed=7)).examples
     off = Trainer(base).run(
         dataset(keyword_rows(12)), Hyperparameters(early_stopping=False, **common), validation=val

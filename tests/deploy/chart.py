@@ -18,12 +18,26 @@ FULLNAME = f"{RELEASE}-loradock"
 
 Manifest = dict[str, Any]
 
-# The good values files: what each one must render (kinds), NOTES.txt aside.
+# The good values files: what each one must render (kinds), NOTES.txt aside. The Pod is the
+# `helm test` hook.
 VALUES_FILES = {
-    "cpu": {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim"},
-    "gpu": {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim"},
-    "multi-replica": {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"},
+    "cpu": {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim", "Pod"},
+    "gpu": {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim", "Pod"},
+    "multi-replica": {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "Pod"},
+    "split": {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ScaledObject",
+        "PrometheusRule",
+        "Ingress",
+        "HTTPRoute",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "Pod",
+    },
     "everything": {
+        "Pod",
         "Deployment",
         "Service",
         "ServiceAccount",
@@ -35,6 +49,10 @@ VALUES_FILES = {
         "ConfigMap",
     },
 }
+
+
+# Kinds a values file renders twice (the trainer/serving split: one per role).
+DOUBLED = {"split": {"Deployment", "Service", "ScaledObject"}}
 
 
 def load_values(name: str) -> dict[str, Any]:
@@ -56,21 +74,30 @@ def render(values: dict[str, Any], chart_dir: Path = CHART_DIR) -> list[Manifest
     return docs
 
 
-def one(docs: list[Manifest], kind: str) -> Manifest:
+def component(doc: Manifest) -> str | None:
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def one(docs: list[Manifest], kind: str, role: str = "server") -> Manifest:
+    """The one object of `kind`; for kinds the trainer/serving split doubles (Deployment,
+    Service, ScaledObject), the one of `role`."""
     found = [d for d in docs if d["kind"] == kind]
+    if len(found) > 1:
+        found = [d for d in found if component(d) == role]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
     return found[0]
 
 
-def container(docs: list[Manifest]) -> dict[str, Any]:
-    containers = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return containers[0]
+def container(docs: list[Manifest], role: str = "server") -> dict[str, Any]:
+    """The loradock container (sidecars aside)."""
+    containers = one(docs, "Deployment", role)["spec"]["template"]["spec"]["containers"]
+    (found,) = [c for c in containers if c["name"] == "loradock"]
+    return found
 
 
-def env_of(docs: list[Manifest]) -> dict[str, dict[str, Any]]:
+def env_of(docs: list[Manifest], role: str = "server") -> dict[str, dict[str, Any]]:
     """Env var name -> its entry; names are checked unique."""
-    entries = container(docs)["env"]
+    entries = container(docs, role)["env"]
     names = [e["name"] for e in entries]
     assert len(names) == len(set(names)), f"duplicate env vars: {names}"
     return {e["name"]: e for e in entries}

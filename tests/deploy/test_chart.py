@@ -20,6 +20,7 @@ from loradock.service.metrics import Metrics
 from loradock.service.settings import Settings
 from tests.deploy.chart import (
     CHART_DIR,
+    DOUBLED,
     FULLNAME,
     ROOT,
     VALUES_FILES,
@@ -33,7 +34,12 @@ from tests.deploy.chart import (
 SCHEMAS = Path(__file__).parent / "schemas"
 # Objects without a schema in kubernetes-validate (custom resources) and the vendored subset
 # that checks them instead.
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json"}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway-v1.json",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
+}
 
 
 def kube_versions() -> list[str]:
@@ -67,7 +73,7 @@ def test_lint_is_clean(name: str):
 def test_each_values_file_renders_its_objects(rendered):
     name, docs = rendered
     assert {d["kind"] for d in docs} == VALUES_FILES[name]
-    assert len(docs) == len(VALUES_FILES[name])
+    assert len(docs) == len(VALUES_FILES[name]) + len(DOUBLED.get(name, ()))
 
 
 @pytest.mark.parametrize("version", kube_versions())
@@ -421,6 +427,7 @@ def test_disruption_budget():
             "matchLabels": {
                 "app.kubernetes.io/name": "loradock",
                 "app.kubernetes.io/instance": "rel",
+                "app.kubernetes.io/component": "server",
             }
         },
     }
@@ -442,7 +449,10 @@ def test_readme_values_examples_render():
     for example in examples:
         docs = render(yaml.safe_load(example))
         for doc in docs:
-            if doc["kind"] != "ServiceMonitor":
+            crd = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+            if crd:
+                jsonschema.Draft7Validator(json.loads((SCHEMAS / crd).read_text())).validate(doc)
+            else:
                 kubernetes_validate.validate(doc, kube_versions()[-1], strict=True)
 
 
@@ -473,3 +483,89 @@ def test_an_explicit_threads_setting_wins_and_no_request_sets_none():
 def test_the_default_values_run_one_thread_per_requested_cpu():
     env = env_of(render({}))
     assert env["LORADOCK_THREADS"]["value"] == "1"  # values.yaml requests cpu "1"
+
+
+# --- operations: the trainer/serving split, KEDA, routes, helm test --------------------------
+
+
+def test_split_runs_training_only_in_the_trainer_deployment():
+    docs = render(load_values("split"))
+    server, trainer = one(docs, "Deployment", "server"), one(docs, "Deployment", "trainer")
+    assert trainer["metadata"]["name"] == f"{FULLNAME}-trainer"
+    assert env_of(docs, "server")["LORADOCK_JOB_WORKERS"]["value"] == "0"
+    assert (
+        env_of(docs, "trainer")["LORADOCK_JOB_WORKERS"]["value"] == "2"
+    )  # config.job_workers: 3 loses
+    # Each role's threads follow its own CPU request; the trainer has its own nodes.
+    assert env_of(docs, "server")["LORADOCK_THREADS"]["value"] == "2"  # 1500m
+    assert env_of(docs, "trainer")["LORADOCK_THREADS"]["value"] == "4"
+    assert container(docs, "trainer")["resources"]["requests"]["cpu"] == "4"
+    assert trainer["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "training"}
+    assert "nodeSelector" not in server["spec"]["template"]["spec"]
+    # Selectors never overlap: each Deployment and Service picks its own role's pods.
+    for deployment, role in ((server, "server"), (trainer, "trainer")):
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector["app.kubernetes.io/component"] == role
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+    api = one(docs, "Service", "server")
+    assert api["spec"]["selector"]["app.kubernetes.io/component"] == "server"
+    headless = one(docs, "Service", "trainer")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"]["app.kubernetes.io/component"] == "trainer"
+    # KEDA owns both replica counts.
+    assert "replicas" not in server["spec"]
+    assert "replicas" not in trainer["spec"]
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in docs if o["kind"] == "ScaledObject"}
+    assert set(scaled) == {FULLNAME, f"{FULLNAME}-trainer"}
+    queue = scaled[FULLNAME]["spec"]["triggers"][0]["metadata"]
+    assert "loradock_queue_rows" in queue["query"]
+    assert scaled[f"{FULLNAME}-trainer"]["spec"]["minReplicaCount"] == 0
+    assert 'state=~"queued|running"' in scaled[f"{FULLNAME}-trainer"]["spec"]["triggers"][0][
+        "metadata"]["query"]  # fmt: skip
+
+
+def test_split_pods_are_the_same_pod_but_for_their_role():
+    docs = render(load_values("split"))
+    server, trainer = (one(docs, "Deployment", r)["spec"]["template"]["spec"]
+                       for r in ("server", "trainer"))  # fmt: skip
+    for spec in (server, trainer):
+        assert [c["name"] for c in spec["initContainers"]] == ["wait-for-postgres"]
+        assert [c["name"] for c in spec["containers"]] == ["loradock", "log-shipper"]
+    same = ("image", "securityContext", "volumeMounts", "envFrom", "startupProbe", "ports")
+    for key in same:
+        assert server["containers"][0][key] == trainer["containers"][0][key], key
+    env = env_of(docs)
+    assert env["OTEL_SERVICE_NAME"]["value"] == "rel-loradock"  # extraEnv is templated
+    assert container(docs)["envFrom"] == [{"secretRef": {"name": "otel-credentials"}}]
+    assert env["LORADOCK_TRACING"]["value"] == "otlp"
+
+
+def test_ingress_and_route_keep_event_streams_open():
+    docs = render(load_values("split"))
+    ingress = one(docs, "Ingress")
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert notes["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "64m"  # config.max_body_bytes
+    paths = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert [p["path"] for p in paths] == ["/v1", "/v2"]
+    assert {p["backend"]["service"]["name"] for p in paths} == {FULLNAME}
+    route = one(docs, "HTTPRoute")
+    (rule,) = route["spec"]["rules"]
+    assert rule["timeouts"] == {"request": "0s"}
+    assert rule["backendRefs"] == [{"name": FULLNAME, "port": 8000}]
+    assert route["spec"]["hostnames"] == ["loradock.example.com"]
+
+
+def test_helm_test_pod_checks_readiness_through_the_service():
+    pod = one(render({}), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (probe,) = pod["spec"]["containers"]
+    script = probe["command"][-1]
+    assert f"http://{FULLNAME}:8000" in script
+    assert "/readyz" in script
+    assert "/v2/health/ready" in script
+    assert probe["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert not [d for d in render({"helmTest": {"enabled": False}}) if d["kind"] == "Pod"]

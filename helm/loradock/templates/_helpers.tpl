@@ -62,9 +62,14 @@ admin-key: {{ .Values.auth.adminKey | b64enc }}
 {{- if or .Values.database.url .Values.database.existingSecret }}true{{ end }}
 {{- end }}
 
-{{/* Most pods that can run at once: replicaCount, or the autoscaler's maximum. */}}
+{{/* Most pods that can run at once: replicaCount or the autoscaler's maximum, plus the
+trainer's pods when the trainer/serving split is on (it always counts as more than one). */}}
 {{- define "loradock.maxReplicas" -}}
-{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.maxReplicas }}{{ else }}{{ .Values.replicaCount }}{{ end }}
+{{- $serving := .Values.replicaCount | int }}
+{{- if .Values.autoscaling.enabled }}{{ $serving = .Values.autoscaling.maxReplicas | int }}{{ end }}
+{{- if .Values.keda.enabled }}{{ $serving = .Values.keda.maxReplicas | int }}{{ end }}
+{{- if .Values.trainer.enabled }}{{ $serving = add $serving (max 1 (.Values.trainer.replicaCount | int) (ternary (.Values.keda.trainer.maxReplicas | int) 0 .Values.keda.trainer.enabled)) }}{{ end }}
+{{- $serving }}
 {{- end }}
 
 {{/* Seconds between the kubelet's decision to stop a pod and the server's forced exit. */}}
@@ -80,6 +85,9 @@ Checks the schema also makes (kept here for `--skip-schema-validation`) and thos
 {{- define "loradock.validate" -}}
 {{- $max := include "loradock.maxReplicas" . | int }}
 {{- if gt $max 1 }}
+{{- if and .Values.trainer.enabled (not (include "loradock.usesPostgres" .)) }}
+{{- fail "trainer.enabled (the trainer/serving split) cannot share SQLite between the trainer and the servers: set database.url or database.existingSecret (PostgreSQL)" }}
+{{- end }}
 {{- if not (include "loradock.usesPostgres" .) }}
 {{- fail (printf "%d replicas cannot share SQLite: set database.url or database.existingSecret (PostgreSQL)" $max) }}
 {{- end }}
@@ -92,6 +100,15 @@ Checks the schema also makes (kept here for `--skip-schema-validation`) and thos
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas %v > autoscaling.maxReplicas %v" .Values.autoscaling.minReplicas .Values.autoscaling.maxReplicas) }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled both scale the Deployment (KEDA makes its own HorizontalPodAutoscaler): choose one" }}
+{{- end }}
+{{- if and .Values.keda.trainer.enabled (not .Values.trainer.enabled) }}
+{{- fail "keda.trainer.enabled scales the trainer Deployment: set trainer.enabled" }}
+{{- end }}
+{{- if and (or .Values.keda.enabled .Values.keda.trainer.enabled) (not .Values.keda.prometheusAddress) }}
+{{- fail "keda needs keda.prometheusAddress (the Prometheus that scrapes loradock, e.g. http://prometheus-operated.monitoring:9090)" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (not (or .Values.autoscaling.queueRows.enabled .Values.autoscaling.cpu.enabled)) }}
 {{- fail "autoscaling.enabled needs a metric: autoscaling.queueRows.enabled or autoscaling.cpu.enabled" }}
