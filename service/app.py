@@ -35,6 +35,7 @@ from loradock.service.middleware import OverloadShedMiddleware, RequestBodyGuard
 from loradock.service.observability import RequestContext
 from loradock.service.runtime import Phase, Runtime
 from loradock.service.settings import Settings
+from loradock.service.ui import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def create_app(
     app.include_router(oip.router)
     app.include_router(monitoring.router)
     install_docs(app)
+    install_ui(app)
     _document_manual_bodies(app)
     # The last added is outermost: metrics see every answer, the size limit's 413s included.
     app.add_middleware(UnhandledErrorMiddleware)

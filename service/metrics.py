@@ -302,6 +302,10 @@ class Metrics:
             self.adapter_drift_p_value.labels(adapter_id).set(signals["embedding"]["p_value"])
         self.adapter_drifting.labels(adapter_id).set(1 if drifting else 0)
 
+    def is_drifting(self, adapter_id: str) -> bool:
+        """Whether this process's last drift check of the adapter found a drifted signal."""
+        return adapter_id in self._drifting
+
     def forget_adapter(self, adapter_id: str) -> None:
         """A deleted adapter's series go away (and free a place under the cap)."""
         self._drifting.discard(adapter_id)

@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 HEADER = "X-Request-ID"
 _HEADER = HEADER.lower().encode()
 _VALID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+_NO_STORE = (b"cache-control", b"no-store")
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "loradock_request_id", default=None
@@ -119,8 +120,12 @@ def logging_config(level: str, fmt: Literal["json", "plain"]) -> dict[str, Any]:
         "root": {"handlers": ["default"], "level": level.upper()},
         "loggers": {
             # uvicorn's loggers pass their records to the root handler, like everyone's.
-            name: {"handlers": [], "level": level.upper(), "propagate": True}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+            **{
+                name: {"handlers": [], "level": level.upper(), "propagate": True}
+                for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+            },
+            # A line per Alembic plugin at every start says nothing (migrations still log).
+            "alembic.runtime.plugins": {"level": "WARNING"},
         },
     }
 
@@ -149,6 +154,7 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id.set(rid)
         method = scope.get("method", "")
+        api = str(scope.get("path", "")).startswith(("/v1/", "/v2/"))
         status = 500
         started = time.perf_counter()
 
@@ -165,6 +171,8 @@ class RequestContext:
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k != _HEADER]
                 headers.append((_HEADER, rid.encode()))
+                if api and not any(k == b"cache-control" for k, _ in headers):
+                    headers.append(_NO_STORE)  # tenant data: never kept by a browser or proxy
                 message = {**message, "headers": headers}
                 tenant = scope.get("state", {}).get("tenant_id")
                 if tenant and span.is_recording():  # before the span ends with the response

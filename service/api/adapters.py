@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -21,7 +21,13 @@ from loradock.adapters.artifacts.export import ExportError, export_files, zip_fi
 from loradock.adapters.artifacts.files import ArtifactError, load_adapter
 from loradock.adapters.artifacts.store import MANIFEST, StoreError
 from loradock.service.api import pagination
-from loradock.service.api.deps import DatabaseDep, Principal, ReadyRuntimeDep, require
+from loradock.service.api.deps import (
+    DatabaseDep,
+    Principal,
+    ReadyRuntimeDep,
+    RuntimeDep,
+    require,
+)
 from loradock.service.api.schemas import (
     MAX_VERSION,
     NAME_PATTERN,
@@ -252,13 +258,36 @@ async def import_adapter(
 @router.get("/adapters", response_model=AdapterList)
 def list_adapters(
     db: DatabaseDep,
+    runtime: RuntimeDep,
     limit: pagination.Limit = pagination.DEFAULT_LIMIT,
     cursor: pagination.CursorParam = None,
     view: pagination.View = "full",
+    search: str | None = Query(
+        None, alias="q", max_length=128, description="Only adapters whose name contains this."
+    ),
     principal: Principal = ReadDep,
 ) -> AdapterList:
     """The tenant's adapters, oldest first, a page at a time (`next_cursor` leads on)."""
-    q = select(Adapter).where(Adapter.tenant_id == principal.tenant_id)
+    drifting = runtime.metrics.is_drifting if runtime.metrics else None
+    return adapter_page(db, principal.tenant_id, limit=limit, cursor=cursor, view=view,
+                        search=search, drifting=drifting)  # fmt: skip
+
+
+def adapter_page(
+    db: Database,
+    tenant_id: str,
+    *,
+    limit: int = pagination.DEFAULT_LIMIT,
+    cursor: str | None = None,
+    view: str = "full",
+    search: str | None = None,
+    drifting: Callable[[str], bool] | None = None,
+) -> AdapterList:
+    """One page of a tenant's adapters (what GET /v1/adapters answers)."""
+    q = select(Adapter).where(Adapter.tenant_id == tenant_id)
+    if search:  # a substring of the name, LIKE's wildcards taken literally
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        q = q.where(Adapter.name.ilike(f"%{escaped}%", escape="\\"))
     if cursor is not None:
         key = pagination.decode("adapters", cursor)
         q = q.where(pagination.after(Adapter.created_at, Adapter.id, key, newest_first=False))
@@ -276,7 +305,7 @@ def list_adapters(
         if view == "full":
             items = [adapter_out(s, a, by_adapter[a.id]) for a in rows]
         else:
-            items = [adapter_summary(a, by_adapter[a.id]) for a in rows]
+            items = [adapter_summary(a, by_adapter[a.id], drifting) for a in rows]
         last = rows[-1] if more else None
         return AdapterList(
             adapters=items,
@@ -284,10 +313,13 @@ def list_adapters(
         )
 
 
-def adapter_summary(adapter: Adapter, versions: Sequence[Version]) -> AdapterSummary:
+def adapter_summary(
+    adapter: Adapter, versions: Sequence[Version], drifting: Callable[[str], bool] | None = None
+) -> AdapterSummary:
     live = next((v for v in versions if v.version == adapter.live_version), None)
     return AdapterSummary(
         **_fields(adapter),
+        drifting=bool(drifting and drifting(adapter.id)),
         version_count=len(versions),
         latest_version=versions[-1].version if versions else None,
         live_metrics=(live.metrics or {}) if live is not None else {},

@@ -96,13 +96,42 @@ def _live_accuracy(db: Any, adapter_id: str, version: int | None, val_acc: float
                 func.sum(case((Feedback.label == Feedback.predicted, 1), else_=0)),
             ).where(Feedback.adapter_id == adapter_id, Feedback.version == version)
         ).one()
-    if not total:
-        return {"items": 0}
+        if not total:
+            return {"items": 0, "series": []}
+        recent = s.execute(
+            select(Feedback.created_at, Feedback.label == Feedback.predicted)
+            .where(Feedback.adapter_id == adapter_id, Feedback.version == version)
+            .order_by(Feedback.created_at.desc(), Feedback.id.desc())
+            .limit(SERIES_ITEMS)
+        ).all()[::-1]
     accuracy = (correct or 0) / total
     out: dict[str, Any] = {"items": total, "accuracy": round(accuracy, 4)}
     if val_acc is not None:
         out["validation_accuracy"] = val_acc
         out["gap"] = round(val_acc - accuracy, 4)
+    out["series"] = accuracy_series(recent)
+    return out
+
+
+SERIES_ITEMS = 5000  # the most recent feedback items the series covers
+SERIES_POINTS = 12
+
+
+def accuracy_series(items: list[Any], points: int = SERIES_POINTS) -> list[dict[str, Any]]:
+    """Live accuracy over time: the items (created_at, correct) in arrival order, cut into up to
+    `points` runs of equal size (at least 10 items each), each with its time span and accuracy."""
+    if not items:
+        return []
+    size = max(10, -(-len(items) // points))
+    out = []
+    for i in range(0, len(items), size):
+        run = items[i : i + size]
+        out.append({
+            "from": run[0][0].isoformat(),
+            "to": run[-1][0].isoformat(),
+            "items": len(run),
+            "accuracy": round(sum(1 for _, ok in run if ok) / len(run), 4),
+        })  # fmt: skip
     return out
 
 

@@ -178,6 +178,9 @@ class AdapterSummary(AdapterFields):
     version_count: int
     latest_version: int | None
     live_metrics: dict[str, Any] = Field(description="The live version's metrics ({} if none).")
+    drifting: bool = Field(
+        False, description="This server's last drift check of the live traffic found drift."
+    )
 
 
 class AdapterList(BaseModel):

@@ -92,7 +92,7 @@ def test_two_replicas_share_registry_and_store(tmp_path, tiny_bert_dir, postgres
         had_key = [p.exists() for p in key_files]
         assert sum(had_key) == 1
         key = next(p for p in key_files if p.exists()).read_text().strip()
-        assert sum("bootstrap: created" in s.log() for s in (a, b)) == 1
+        assert sum("bootstrap: created" in s.log_path.read_text() for s in (a, b)) == 1
         with registry.session() as s:
             assert [t.name for t in s.scalars(select(Tenant))] == ["default"]
             assert len(s.scalars(select(ApiKey)).all()) == 1

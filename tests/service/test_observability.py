@@ -68,6 +68,7 @@ def test_uvicorn_loggers_share_the_root_handler():
     config = logging_config("info", "json")
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         assert config["loggers"][name] == {"handlers": [], "level": "INFO", "propagate": True}
+    assert config["loggers"]["alembic.runtime.plugins"]["level"] == "WARNING"
     assert config["root"]["handlers"] == ["default"]
 
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from loradock.service.api.adapters import list_adapters
+from loradock.service.api.adapters import adapter_page
 from loradock.service.api.deps import Principal
 from loradock.service.api.jobs import list_jobs
 from loradock.service.db.models import Adapter, Job, Tenant, Version, new_id, utcnow
@@ -52,7 +52,7 @@ def test_adapters_page_in_order_without_gaps_or_repeats(db):
     fill(db, "tn_b", 4)  # another tenant's adapters never appear
     seen, cursor, pages = [], None, 0
     while True:
-        page = list_adapters(db, limit=4, cursor=cursor, view="full", principal=principal("tn_a"))
+        page = adapter_page(db, "tn_a", limit=4, cursor=cursor, view="full")
         pages += 1
         assert len(page.adapters) <= 4
         seen += [a.id for a in page.adapters]
@@ -62,14 +62,14 @@ def test_adapters_page_in_order_without_gaps_or_repeats(db):
             break
     assert seen == expected
     assert pages == 7  # 6 full pages and one of 1
-    whole = list_adapters(db, limit=1000, cursor=None, view="full", principal=principal("tn_a"))
+    whole = adapter_page(db, "tn_a", limit=1000, cursor=None, view="full")
     assert [a.id for a in whole.adapters] == expected
     assert whole.next_cursor is None
 
 
 def test_summary_view_leaves_out_versions(db):
     fill(db, "tn_a", 3)
-    page = list_adapters(db, limit=2, cursor=None, view="summary", principal=principal("tn_a"))
+    page = adapter_page(db, "tn_a", limit=2, cursor=None, view="summary")
     first = page.adapters[0].model_dump()
     assert "versions" not in first
     assert first["version_count"] == 2
@@ -98,10 +98,10 @@ def test_jobs_page_newest_first(db):
 
 def test_a_cursor_of_another_list_or_edited_is_refused(db):
     fill(db, "tn_a", 5)
-    page = list_adapters(db, limit=2, cursor=None, view="full", principal=principal("tn_a"))
+    page = adapter_page(db, "tn_a", limit=2, cursor=None, view="full")
     for bad in ("not-a-cursor", page.next_cursor[:-3], "e30"):
         with pytest.raises(BadRequest, match="not a cursor of this list"):
-            list_adapters(db, limit=2, cursor=bad, view="full", principal=principal("tn_a"))
+            adapter_page(db, "tn_a", limit=2, cursor=bad, view="full")
     with pytest.raises(BadRequest):
         list_jobs(db, adapter=None, limit=2, cursor=page.next_cursor, view="full",
                   principal=principal("tn_a"))  # fmt: skip
@@ -125,3 +125,9 @@ def test_pages_over_http(app_client):
     assert_problem(app_client.get("/v1/adapters", params={"cursor": "zz"}), 400)
     assert_problem(app_client.get("/v1/adapters", params={"limit": 0}), 422)
     assert_problem(app_client.get("/v1/jobs", params={"view": "tiny"}), 422)
+    # Search: a substring of the name, case-insensitive; LIKE's wildcards are literal.
+    found = app_client.get("/v1/adapters", params={"q": "H3", "view": "summary"}).json()
+    assert [a["name"] for a in found["adapters"]] == ["h3"]
+    assert found["adapters"][0]["drifting"] is False
+    assert app_client.get("/v1/adapters", params={"q": "h_"}).json()["adapters"] == []
+    assert app_client.get("/v1/adapters", params={"q": "%"}).json()["adapters"] == []

@@ -61,6 +61,8 @@ SCOPES = {
     ("GET", "/v1/jobs/{job_id}/events"): "predict",
     ("GET", "/v2/models/{model}"): "predict",
     ("GET", "/v2/models/{model}/ready"): "predict",
+    ("GET", "/v2/models/{model}/versions/{version}"): "predict",
+    ("GET", "/v2/models/{model}/versions/{version}/ready"): "predict",
     ("POST", "/v2/models/{model}/infer"): "predict",
     ("POST", "/v2/models/{model}/versions/{version}/infer"): "predict",
 }
