@@ -134,6 +134,18 @@ def main() -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             timings: dict[str, dict[str, list[float]]] = {}
+            # The floor: a bare loopback page (the /healthz JSON) loaded the same way.
+            context = browser.new_context()
+            page = context.new_page()
+            bare = []
+            for _ in range(args.runs):
+                page.goto("about:blank")
+                t0 = time.perf_counter()
+                page.goto(f"{server.url}/healthz")
+                page.wait_for_selector("body")
+                bare.append(time.perf_counter() - t0)
+            timings["(bare /healthz)"] = {"cold": bare, "warm": [0.0]}
+            context.close()
             for label, (width, height) in VIEWPORTS.items():
                 context = browser.new_context(viewport={"width": width, "height": height},
                                               device_scale_factor=1)  # fmt: skip

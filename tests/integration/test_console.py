@@ -240,3 +240,40 @@ def test_the_console_cannot_be_framed_or_inject_script(server: ServerProcess, br
         frame.locator("#top").count() == 0  # fmt: skip
     assert dialogs == []
     w.context.close()
+
+
+def test_generation_adapter_page_shows_the_base_forgetting_and_chats(
+    tmp_path: Path, tiny_llama_dir: Path, browser: Any
+):
+    from tests.adapters.test_generation import sft_rows
+
+    fast = {"learning_rate": 0.05, "epochs": 4, "batch_size": 8}
+    server = ServerProcess(tmp_path / "d", base_model=tiny_llama_dir, max_seq_length=48)
+    with server, server.client() as c:
+        r = c.post("/v1/adapters", json={"name": "helpdesk", "training_data": sft_rows(),
+                                         "hyperparameters": fast})  # fmt: skip
+        assert r.status_code == 202, r.text
+        job_id, adapter_id = r.json()["job"]["id"], r.json()["adapter"]["id"]
+        w = Watched(browser, server)
+        w.sign_in(server.admin_key)
+        # The create form offers what this base can train: generation only.
+        w.page.wait_for_selector("form[data-form=create] select[name=task]")
+        options = w.page.locator(
+            "form[data-form=create] select[name=task] option"
+        ).all_inner_texts()
+        assert options == ["generation"]
+        w.page.goto(f"{server.url}/ui#/jobs/{job_id}")
+        w.page.wait_for_selector("#job-final", timeout=180_000)
+        assert "succeeded" in w.page.text_content("#job-final")
+        w.page.goto(f"{server.url}/ui#/adapters/{adapter_id}")
+        w.page.wait_for_selector("#baseline")
+        assert "Adapter against the base model" in w.page.text_content("#baseline")
+        assert "val_token_accuracy" in w.page.text_content("#baseline")
+        forgetting = w.page.text_content("#forgetting")
+        assert "Perplexity of the reference text: base" in forgetting
+        w.page.fill("#try-it textarea", "hello")
+        w.page.click("#try-it button")
+        w.page.wait_for_selector("#try-output .answer, #try-output .error")
+        assert w.page.locator("#try-output .error").count() == 0
+        assert w.errors == []
+        w.context.close()

@@ -92,3 +92,10 @@ def test_scripts_never_build_html_from_strings():
         for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
             assert sink not in text, f"{path.name} uses {sink}"
         assert "localStorage" not in text, f"{path.name}: the key belongs in sessionStorage"
+
+
+def test_every_module_is_preloaded_so_the_page_loads_them_at_once(app_client):
+    page = app_client.get("/ui").text
+    preloaded = set(re.findall(r'<link rel="modulepreload" href="/ui/static/js/([^"]+)">', page))
+    files = {p.relative_to(STATIC / "js").as_posix() for p in (STATIC / "js").rglob("*.js")}
+    assert preloaded == files - {"app.js"}

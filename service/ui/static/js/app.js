@@ -46,11 +46,11 @@ function signInPage(message) {
 }
 
 async function loadSession() {
-  session.me = await api("/v1/whoami");
-  if (!session.base) {
-    const ready = await fetch("/readyz", { cache: "no-store" }).then((r) => r.json()).catch(() => ({}));
-    session.base = ready.base_model || null;
-  }
+  const base = session.base ? Promise.resolve({ base_model: session.base })
+    : fetch("/readyz", { cache: "no-store" }).then((r) => r.json()).catch(() => ({}));
+  const [me, ready] = await Promise.all([api("/v1/whoami"), base]);
+  session.me = me;
+  session.base = ready.base_model || null;
   drawHeader();
 }
 

@@ -33,7 +33,8 @@ export function lineChart(container, { title, x, series, marker, xLabel = "epoch
   const options = {
     title, width: width(), height: 220, plugins: [markerPlugin],
     scales: { x: { time: false } },
-    axes: [{ label: xLabel }, { label: yLabel }],
+    // Whole epochs (and runs) on the x axis, never 1.25.
+    axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200] }, { label: yLabel }],
     series: [{ label: xLabel }, ...series.map((s, i) => ({
       label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 2,
       dash: s.dash, points: { show: true, size: 5 }, spanGaps: true,
@@ -55,9 +56,7 @@ export function lineChart(container, { title, x, series, marker, xLabel = "epoch
 
 // Two distributions side by side (reference and current shares), one row per bin.
 export function distribution(title, reference, current, edges) {
-  const names = Array.isArray(reference)
-    ? reference.map((_, i) => (edges && edges.length > i + 1 ? `${fmtEdge(edges[i])}–${fmtEdge(edges[i + 1])}` : `bin ${i + 1}`))
-    : Object.keys(reference);
+  const names = Array.isArray(reference) ? binNames(reference.length, edges || []) : Object.keys(reference);
   const ref = Array.isArray(reference) ? reference : names.map((n) => reference[n] || 0);
   const cur = Array.isArray(current) ? current : names.map((n) => (current || {})[n] || 0);
   const top = Math.max(1e-9, ...ref, ...cur);
@@ -72,6 +71,13 @@ export function distribution(title, reference, current, edges) {
       h("span", { class: "muted" }, "bin"), h("span", { class: "muted" }, "reference"),
       h("span", { class: "muted" }, "current"),
       names.map((name, i) => [h("span", {}, name), bar(ref[i], "ref"), bar(cur[i], "cur")])));
+}
+
+// Bins as the monitor counts them: (-inf, e0], (e0, e1], ..., (e_last, inf).
+function binNames(n, edges) {
+  if (n !== edges.length + 1) return Array.from({ length: n }, (_, i) => `bin ${i + 1}`);
+  return Array.from({ length: n }, (_, i) => (i === 0 ? `≤ ${fmtEdge(edges[0])}`
+    : i === n - 1 ? `> ${fmtEdge(edges[n - 2])}` : `${fmtEdge(edges[i - 1])}–${fmtEdge(edges[i])}`));
 }
 
 function fmtEdge(v) {

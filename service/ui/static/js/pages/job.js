@@ -47,7 +47,7 @@ export async function jobPage(ctx, id) {
       chart = curves(chartCard, { history, task: adapter.task, restored: null });
     }
   };
-  if (["succeeded", "failed", "cancelled"].includes(job.status)) return finish(job);
+  if (["succeeded", "failed", "cancelled"].includes(job.status)) return finish(job, adapter);
 
   for await (const event of events(`/v1/jobs/${encodeURIComponent(id)}/events`, ctx.signal)) {
     if (event.event === "status") status.replaceChildren(statusBadge(event.json.status));
@@ -64,11 +64,12 @@ export async function jobPage(ctx, id) {
   }
   return undefined;
 
-  async function finish(final) {
+  async function finish(final, known = null) {
     status.replaceChildren(statusBadge(final.status));
     if (cancel) cancel.remove();
     if (final.status === "succeeded") bar.style.width = "100%";
-    const fresh = await api(`/v1/adapters/${encodeURIComponent(adapter.id)}`, { signal: ctx.signal });
+    // An adapter read after the job ended already has its version; else read it again.
+    const fresh = known || await api(`/v1/adapters/${encodeURIComponent(adapter.id)}`, { signal: ctx.signal });
     const version = fresh.versions.find((v) => v.version === final.version);
     const best = version && version.metrics ? version.metrics.best_epoch : null;
     chartCard.querySelectorAll(".chart").forEach((el) => el.remove());
