@@ -313,6 +313,10 @@ def adapter_page(
         )
 
 
+def scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
+
+
 def adapter_summary(
     adapter: Adapter, versions: Sequence[Version], drifting: Callable[[str], bool] | None = None
 ) -> AdapterSummary:
@@ -322,7 +326,8 @@ def adapter_summary(
         drifting=bool(drifting and drifting(adapter.id)),
         version_count=len(versions),
         latest_version=versions[-1].version if versions else None,
-        live_metrics=(live.metrics or {}) if live is not None else {},
+        # The numbers only: per-class and per-group tables stay in the full view.
+        live_metrics=scalars(live.metrics or {}) if live is not None else {},
     )
 
 

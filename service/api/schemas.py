@@ -177,7 +177,10 @@ class AdapterSummary(AdapterFields):
 
     version_count: int
     latest_version: int | None
-    live_metrics: dict[str, Any] = Field(description="The live version's metrics ({} if none).")
+    live_metrics: dict[str, Any] = Field(
+        description="The live version's scalar metrics, no per-class or per-group tables "
+        "({} without a live version)."
+    )
     drifting: bool = Field(
         False, description="This server's last drift check of the live traffic found drift."
     )

@@ -182,7 +182,8 @@ def test_plain_logs_name_the_request(tmp_path, tiny_bert_dir):
         assert r.status_code == 200
         assert r.headers["X-Request-ID"] == "plain-1"
     log = server.log_path.read_text()
-    (line,) = [ln for ln in log.splitlines() if "[plain-1]" in ln]
-    assert "loradock.access" in line
+    # Every line written during the request names it; one of them is its access line.
+    (line,) = [ln for ln in log.splitlines() if "[plain-1]" in ln and "loradock.access" in ln]
+    assert "INFO loradock.access [plain-1]: " in line
     assert '"GET /v1/adapters HTTP/1.1" 200' in line
     assert not any(ln.lstrip().startswith("{") for ln in log.splitlines())

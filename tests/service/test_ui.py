@@ -5,7 +5,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from loradock.service.ui import CSP, STATIC
+from loradock.service.ui import CSP, STATIC, digest
 
 VENDOR = STATIC / "vendor" / "uplot"
 
@@ -23,9 +23,10 @@ def test_the_page_loads_only_files_of_this_origin_and_no_inline_script(app_clien
     assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page.text)  # every script has a src
     assert not re.search(r"\son[a-z]+\s*=", page.text)  # no inline event handlers
     loaded = [u for u in urls if u.startswith("/ui/")]
-    assert "/ui/static/js/app.js" in loaded
+    app_js = f"/ui/static/{digest()}/js/app.js"
+    assert app_js in loaded
     # Follow every ES module import from app.js: all are served, as JavaScript.
-    todo, seen = ["/ui/static/js/app.js"], set()
+    todo, seen = [app_js], set()
     while todo:
         url = todo.pop()
         if url in seen:
@@ -50,13 +51,8 @@ def test_the_page_loads_only_files_of_this_origin_and_no_inline_script(app_clien
 
 
 def test_every_ui_response_carries_the_security_headers(app_client):
-    for url in (
-        "/ui",
-        "/ui/",
-        "/ui/static/js/app.js",
-        "/ui/static/console.css",
-        "/ui/static/nope.js",
-    ):
+    assets = f"/ui/static/{digest()}"
+    for url in ("/ui", "/ui/", f"{assets}/js/app.js", f"{assets}/console.css", f"{assets}/nope.js"):
         got = app_client.get(url)
         assert got.headers["content-security-policy"] == CSP, url
         assert got.headers["x-frame-options"] == "DENY"
@@ -65,8 +61,16 @@ def test_every_ui_response_carries_the_security_headers(app_client):
     assert "'unsafe-inline'" not in CSP
     assert "'unsafe-eval'" not in CSP
     assert "frame-ancestors 'none'" in CSP
-    assert app_client.get("/ui/static/nope.js").status_code == 404
-    assert app_client.get("/ui/static/../__init__.py").status_code == 404
+    assert app_client.get(f"{assets}/nope.js").status_code == 404
+    assert app_client.get(f"{assets}/../__init__.py").status_code == 404
+    assert app_client.get(f"{assets}/%2e%2e/__init__.py").status_code == 404
+    assert app_client.get(f"{assets}/index.html").status_code == 404  # the page is /ui
+    # Assets are kept for good under their digest; the page, which names it, never is.
+    assert app_client.get(f"{assets}/js/app.js").headers["cache-control"].endswith("immutable")
+    assert app_client.get("/ui").headers["cache-control"] == "no-cache"
+    old = app_client.get("/ui/static/0000000000000000/js/app.js")  # a page from before
+    assert old.status_code == 200
+    assert old.headers["cache-control"] == "no-cache"
     # Not on the API: its answers are JSON, never stored by a browser or a proxy.
     api = app_client.get("/v1/adapters")
     assert "content-security-policy" not in api.headers
@@ -79,8 +83,8 @@ def test_uplot_is_vendored_as_published_with_its_licence():
         if re.fullmatch(r"[0-9a-f]{64}  \S+", line)
     )  # fmt: skip
     assert set(listed) == {"uPlot.iife.min.js", "uPlot.min.css"}
-    for name, digest in listed.items():
-        assert hashlib.sha256((VENDOR / name).read_bytes()).hexdigest() == digest, name
+    for name, sha256 in listed.items():
+        assert hashlib.sha256((VENDOR / name).read_bytes()).hexdigest() == sha256, name
     assert "MIT License" in (VENDOR / "LICENSE").read_text()
     assert "uPlot 1.6.32" in (VENDOR / "VERSION").read_text()
 
@@ -96,6 +100,7 @@ def test_scripts_never_build_html_from_strings():
 
 def test_every_module_is_preloaded_so_the_page_loads_them_at_once(app_client):
     page = app_client.get("/ui").text
-    preloaded = set(re.findall(r'<link rel="modulepreload" href="/ui/static/js/([^"]+)">', page))
+    pattern = rf'<link rel="modulepreload" href="/ui/static/{digest()}/js/([^"]+)">'
+    preloaded = set(re.findall(pattern, page))
     files = {p.relative_to(STATIC / "js").as_posix() for p in (STATIC / "js").rglob("*.js")}
     assert preloaded == files - {"app.js"}
