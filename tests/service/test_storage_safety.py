@@ -65,7 +65,12 @@ def test_the_storage_quota_is_413_naming_the_usage(settings, metrics):
 def test_start_up_sweeps_what_no_registry_row_refers_to(settings, metrics):
     with started_client(settings, metrics) as c:
         trained(c)
+        # The finished job's dataset goes just after the job reports success: wait for it.
+        deadline = time.monotonic() + 30
+        while any("/datasets/" in k for k in store_keys(c)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         keys = store_keys(c)
+        assert not any("/datasets/" in k for k in keys)
         store = c.app.state.runtime.store
         tenant = keys[0].split("/")[0]
         # a publish whose registry write never committed, and a dataset of a job that is gone
