@@ -145,7 +145,6 @@ def preflight(settings: Settings) -> None:
 def serve(settings: Settings, stop_tracing: Callable[[], None] | None = None) -> int:
     from loradock.service.app import create_app
     from loradock.service.http import guarded_protocol
-    from loradock.service.observability import logging_config
 
     fatal: list[BaseException] = []
     server: DrainingServer | None = None
@@ -161,7 +160,7 @@ def serve(settings: Settings, stop_tracing: Callable[[], None] | None = None) ->
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=logging_config(settings.log_level, settings.log_format),
+        log_config=None,  # main() applied logging_config already: uvicorn's loggers included
         access_log=False,  # the access line is RequestContext's (it knows the request id)
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         lifespan="on",

@@ -292,8 +292,8 @@ def adapter_page(
         key = pagination.decode("adapters", cursor)
         q = q.where(pagination.after(Adapter.created_at, Adapter.id, key, newest_first=False))
     with db.session() as s:
-        rows = s.scalars(q.order_by(Adapter.created_at, Adapter.id).limit(limit + 1)).all()
-        more, rows = len(rows) > limit, rows[:limit]
+        found = s.scalars(q.order_by(Adapter.created_at, Adapter.id).limit(limit + 1)).all()
+        rows, next_cursor = pagination.cut("adapters", found, limit)
         by_adapter: dict[str, list[Version]] = {a.id: [] for a in rows}
         for i in range(0, len(rows), 500):  # one query per 500 adapters, not one each
             ids = [a.id for a in rows[i : i + 500]]
@@ -306,14 +306,10 @@ def adapter_page(
             items = [adapter_out(s, a, by_adapter[a.id]) for a in rows]
         else:
             items = [adapter_summary(a, by_adapter[a.id], drifting) for a in rows]
-        last = rows[-1] if more else None
-        return AdapterList(
-            adapters=items,
-            next_cursor=pagination.encode("adapters", last.created_at, last.id) if last else None,
-        )
+        return AdapterList(adapters=items, next_cursor=next_cursor)
 
 
-def scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
 
 
@@ -327,7 +323,7 @@ def adapter_summary(
         version_count=len(versions),
         latest_version=versions[-1].version if versions else None,
         # The numbers only: per-class and per-group tables stay in the full view.
-        live_metrics=scalars(live.metrics or {}) if live is not None else {},
+        live_metrics=scalar_metrics(live.metrics or {}) if live is not None else {},
     )
 
 

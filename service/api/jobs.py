@@ -44,18 +44,14 @@ def list_jobs(
         if cursor is not None:
             key = pagination.decode("jobs", cursor)
             q = q.where(pagination.after(Job.created_at, Job.id, key, newest_first=True))
-        rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit + 1)).all()
-        more, rows = len(rows) > limit, rows[:limit]
+        found = s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit + 1)).all()
+        rows, next_cursor = pagination.cut("jobs", found, limit)
         jobs: list[JobOut] | list[JobSummary] = (
             [job_out(j) for j in rows]
             if view == "full"
             else [JobSummary.model_validate(j, from_attributes=True) for j in rows]
         )
-        last = rows[-1] if more else None
-        return JobList(
-            jobs=jobs,
-            next_cursor=pagination.encode("jobs", last.created_at, last.id) if last else None,
-        )
+        return JobList(jobs=jobs, next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

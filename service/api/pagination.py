@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Query
 from sqlalchemy import and_, or_
@@ -20,6 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from loradock.service.errors import BadRequest
 
+T = TypeVar("T")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
@@ -57,6 +59,15 @@ def decode(kind: str, cursor: str) -> tuple[datetime, str]:
             f"cursor {cursor[:40]!r} is not a cursor of this list: pass the next_cursor of "
             "the previous page unchanged, or no cursor for the first page"
         ) from e
+
+
+def cut(kind: str, rows: Sequence[T], limit: int) -> tuple[list[T], str | None]:
+    """A page from rows fetched with `LIMIT limit + 1`: at most `limit` of them, and the cursor
+    of the next page (None when there is none)."""
+    if len(rows) <= limit:
+        return list(rows), None
+    last: Any = rows[limit - 1]
+    return list(rows[:limit]), encode(kind, last.created_at, last.id)
 
 
 def after(

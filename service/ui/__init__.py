@@ -40,6 +40,7 @@ HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 ]
+_NAMES = {name for name, _ in HEADERS}
 PAGE_CACHE = "no-cache"  # the page: revalidated every time (it names the assets' digest)
 ASSET_CACHE = "public, max-age=31536000, immutable"
 
@@ -58,8 +59,7 @@ class ConsoleHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                names = {name for name, _ in HEADERS}
-                kept = [(k, v) for k, v in message.get("headers", []) if k not in names]
+                kept = [(k, v) for k, v in message.get("headers", []) if k not in _NAMES]
                 if not any(k == b"cache-control" for k, _ in kept):
                     kept.append((b"cache-control", PAGE_CACHE.encode()))
                 message = {**message, "headers": kept + HEADERS}
